@@ -1,0 +1,44 @@
+"""The error tree of mailwarden. Every error carries a sentence an operator can act on.
+
+Public names: ``MailwardenError``, ``ConfigError``, ``QueueError``, ``SpoolCorrupt``,
+``DeliveryError``, ``AddressError``.
+Security: messages may quote untrusted input; callers print them escaped (``repr``).
+"""
+
+from __future__ import annotations
+
+
+class MailwardenError(Exception):
+    """Base of every error mailwarden raises on purpose."""
+
+
+class ConfigError(MailwardenError):
+    """The configuration file is missing, unreadable or invalid.
+
+    ``problems`` lists one line per problem: ``FILE:LINE: key: message``.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return super().__str__()
+        return super().__str__() + "\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+class QueueError(MailwardenError):
+    """A queue operation failed (unknown queue id, spool not writable, ...)."""
+
+
+class SpoolCorrupt(QueueError):
+    """A spool file cannot be parsed; it is moved to the ``corrupt`` directory."""
+
+
+class DeliveryError(MailwardenError):
+    """A delivery could not even be attempted (bad transport configuration, ...)."""
+
+
+class AddressError(MailwardenError):
+    """An e-mail address is syntactically invalid or carries forbidden characters."""
