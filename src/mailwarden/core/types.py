@@ -5,7 +5,8 @@ stores an ``EnvelopeSnapshot`` (frozen, JSON-serialisable). Policy answers with 
 ``Decision`` (data, not exceptions); one function in ``smtp.reply`` maps it to the wire.
 
 Public names: ``Direction``, ``Action``, ``Decision``, ``TLSInfo``, ``Session``, ``Envelope``,
-``EnvelopeSnapshot``, ``DeliveryStatus``, ``RecipientResult``.
+``EnvelopeSnapshot``, ``DeliveryStatus``, ``RecipientResult``, ``new_queue_id``,
+``new_session_id``.
 Security: holds untrusted client data (addresses, HELO names) verbatim; consumers must
 escape it before logging or rendering (``core.events`` does).
 """
@@ -71,6 +72,19 @@ class TLSInfo:
     def describe(self) -> str:
         bits = f" ({self.bits}/{self.bits} bits)" if self.bits else ""
         return f"version={self.version} cipher={self.cipher}{bits}"
+
+
+_QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+
+
+def new_queue_id() -> str:
+    """A unique, time-ordered queue id (like Postfix long queue ids), safe as a file name."""
+    n = time.time_ns() // 1000
+    out = []
+    while n:
+        n, r = divmod(n, len(_QID_ALPHABET))
+        out.append(_QID_ALPHABET[r])
+    return "".join(reversed(out)) + secrets.token_hex(3).upper()
 
 
 def new_session_id() -> str:
