@@ -304,11 +304,15 @@ class Config(_Section):
 
     @property
     def events_path(self) -> Path:
-        return Path(self.events.file) if self.events.file else self.state_path / "log" / "events.jsonl"
+        return (
+            Path(self.events.file) if self.events.file else self.state_path / "log" / "events.jsonl"
+        )
 
     @property
     def cert_path(self) -> Path:
-        return Path(self.tls.cert_file) if self.tls.cert_file else self.state_path / "tls" / "cert.pem"
+        return (
+            Path(self.tls.cert_file) if self.tls.cert_file else self.state_path / "tls" / "cert.pem"
+        )
 
     @property
     def key_path(self) -> Path:

@@ -123,5 +123,5 @@ def emit(name: str, **fields: Any) -> None:
     """Emit one event. Never raises: an event that cannot be written is dropped to stderr."""
     try:
         _sink.write(Event(name, fields))
-    except Exception as exc:  # noqa: BLE001 - logging must never break mail flow
+    except Exception as exc:
         os.write(2, f"mailwarden: cannot write event {name!r}: {exc}\n".encode())
