@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -141,6 +141,7 @@ class QueueConfig(_Section):
 
 TLSPolicy = Literal["none", "may", "encrypt", "verify"]
 
+TransportKind = Literal["smtp", "lmtp", "maildir", "mx", "discard"]
 _TRANSPORT = re.compile(r"^(smtp|lmtp|maildir|mx|discard)(?::(.*))?$")
 
 
@@ -149,7 +150,7 @@ class TransportSpec(BaseModel):
     ``lmtp:unix:/path``, ``maildir:DIR`` (default ``state_dir/mail``), ``mx`` or ``discard``."""
 
     model_config = ConfigDict(frozen=True)
-    kind: Literal["smtp", "lmtp", "maildir", "mx", "discard"]
+    kind: TransportKind
     host: str = ""
     port: int = 0
     path: str = ""
@@ -162,7 +163,8 @@ class TransportSpec(BaseModel):
                 f"unknown transport {text!r}: use smtp:HOST:PORT, lmtp:HOST:PORT, "
                 "lmtp:unix:PATH, maildir[:DIR], mx or discard"
             )
-        kind, arg = m.group(1), (m.group(2) or "")
+        kind = cast(TransportKind, m.group(1))
+        arg = m.group(2) or ""
         if kind in ("smtp", "lmtp"):
             if kind == "lmtp" and arg.startswith("unix:"):
                 return TransportSpec(kind=kind, path=arg[5:])
