@@ -289,6 +289,12 @@ class Config(_Section):
         socks = [(li.address, li.port) for li in self.listener]
         if len(set(socks)) != len(socks):
             raise ValueError("two listeners use the same address and port")
+        for domain in self.gateway.hosted_domains:
+            if domain not in self.delivery.transports:
+                raise ValueError(
+                    f"hosted domain {domain!r} has no entry in [delivery.transports]: its mail "
+                    "would be sent to its own MX (this gateway) and loop"
+                )
         return self
 
     # Derived paths -----------------------------------------------------------------

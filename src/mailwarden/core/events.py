@@ -5,7 +5,8 @@ The schema (documented in ``docs/events.md``): every event has ``ts`` (RFC 3339 
 ``session``, ``queue_id``, ``message_id``, ``client``, ``sender``, ``recipient``, ``reply``,
 ``control`` plus any stage-specific keys. A later stage (``logstore``) ingests these lines.
 
-Public names: ``Event``, ``EventSink``, ``JsonLinesSink``, ``MemorySink``, ``emit``,
+Public names: ``Event``, ``EventSink``, ``JsonLinesSink``, ``TeeSink``, ``StreamSink``,
+``MemorySink``, ``emit``,
 ``set_sink``, ``get_sink``.
 Security: field values come from untrusted clients (HELO names, addresses, replies). They
 are serialised with ``json.dumps`` (control characters escaped, so a value can never start a
@@ -94,6 +95,27 @@ class JsonLinesSink:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class TeeSink:
+    """Writes every event to several sinks (e.g. the file and standard error)."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    def write(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.write(event)
+
+
+class StreamSink:
+    """Writes JSON lines to an already open descriptor (standard error by default)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+
+    def write(self, event: Event) -> None:
+        os.write(self.fd, event.to_line().encode("utf-8"))
 
 
 class MemorySink:

@@ -1,0 +1,229 @@
+"""Wires the stages into a running gateway: SMTP edge -> spool -> scheduler -> router.
+
+``run_gateway(cfg)`` binds every listener in the parent, then either runs one worker in
+process (``workers = 1``) or forks ``workers`` processes that share the listening sockets
+(prefork, like Postfix's smtpd processes) and each own a spool shard ``w<N>``. The parent
+restarts a worker that dies and forwards SIGTERM/SIGINT; a worker that gets SIGTERM sends
+``421`` to every session, stops its scheduler and exits.
+
+Public names: ``run_gateway``, ``describe``, ``bind_listeners``.
+Security: binds only the addresses the configuration names (SU-9); everything received
+is handled by ``smtp`` (untrusted peers). Runs no shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from mailwarden import __version__
+from mailwarden.config import Config, ListenerConfig
+from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink, emit, set_sink
+from mailwarden.delivery.router import Router
+from mailwarden.policy.engine import Policy
+from mailwarden.queue.scheduler import Scheduler
+from mailwarden.queue.spool import Spool
+from mailwarden.smtp.server import SmtpServer
+from mailwarden.smtp.tls import ensure_certificate, server_context
+
+LISTEN_BACKLOG = 1024  # pending connections per listener before the kernel refuses
+WORKER_RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
+WORKER_STOP_TIMEOUT = 30.0  # seconds the parent waits for workers after SIGTERM
+
+
+def bind_listeners(cfg: Config) -> list[tuple[ListenerConfig, socket.socket]]:
+    """Bind and listen on every configured listener; raise OSError naming the one that failed."""
+    bound: list[tuple[ListenerConfig, socket.socket]] = []
+    for listener in cfg.listener:
+        family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((listener.address, listener.port))
+        except OSError as exc:
+            sock.close()
+            for _, s in bound:
+                s.close()
+            raise OSError(
+                exc.errno,
+                f"cannot listen on {listener.address}:{listener.port} ({listener.name}): "
+                f"{exc.strerror}",
+            ) from exc
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        bound.append((listener, sock))
+    return bound
+
+
+def _tls_label(listener: ListenerConfig) -> str:
+    return {"none": "plain", "starttls": "STARTTLS", "implicit": "implicit TLS"}[listener.tls]
+
+
+def describe(cfg: Config) -> str:
+    """The startup banner: what the gateway listens on and where mail goes."""
+    lines = [f"mailwarden {__version__} ({cfg.gateway.hostname})"]
+    for li in cfg.listener:
+        role = "submission" if li.submission else "inbound"
+        host = f"[{li.address}]" if ":" in li.address else li.address
+        lines.append(f"  listening  {li.name:<11} {host}:{li.port}  {_tls_label(li)}, {role}")
+    lines.append(f"  hosted     {', '.join(cfg.gateway.hosted_domains) or '(none)'}")
+    for domain in cfg.gateway.hosted_domains:
+        spec = cfg.delivery.transport_for(domain)
+        if spec is None:
+            where = "MX lookup"
+        elif spec.kind == "maildir":
+            where = f"Maildir under {spec.path or cfg.mail_path}/{domain}/<user>/"
+        else:
+            where = str(spec)
+        lines.append(f"  delivery   {domain} -> {where}")
+    others = f"smarthost {cfg.delivery.smarthost}" if cfg.delivery.smarthost else "MX lookup"
+    lines.append(f"  delivery   other domains -> {others} (relaying needs policy, see docs)")
+    lines.append(f"  state      spool {cfg.spool_path}/, events {cfg.events_path}")
+    lines.append(f"  workers    {cfg.gateway.workers}")
+    return "\n".join(lines)
+
+
+async def _serve_worker(
+    cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    spool = Spool(cfg.spool_path, shard=f"w{index}")
+    router = Router(cfg)
+    scheduler = Scheduler(cfg, spool, router)
+    policy = Policy(cfg)
+    needs_tls = any(li.tls != "none" for li in cfg.listener)
+    ctx = server_context(cfg) if needs_tls else None
+    servers = [
+        SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy) for li, _ in bound
+    ]
+    await scheduler.start()
+    for server, (_, sock) in zip(servers, bound, strict=True):
+        await server.start(sock)
+    emit("gateway.worker_started", worker=index, pid=os.getpid())
+    await stop.wait()
+    emit("gateway.worker_stopping", worker=index, pid=os.getpid())
+    await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
+    await scheduler.stop()
+    await router.close()
+    emit("gateway.worker_stopped", worker=index, pid=os.getpid())
+
+
+def _run_loop(main: Callable[[], object]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())  # type: ignore[arg-type]
+
+
+def make_sink(cfg: Config) -> EventSink:
+    """The event sink the configuration asks for."""
+    sink: EventSink = JsonLinesSink(str(cfg.events_path))
+    if cfg.events.stderr:
+        sink = TeeSink(sink, StreamSink(2))
+    return sink
+
+
+def _worker_main(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
+    set_sink(make_sink(cfg))
+    _run_loop(lambda: _serve_worker(cfg, bound, index))
+    return 0
+
+
+def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = _worker_main(cfg, bound, index)
+        except BaseException as exc:  # noqa: BLE001 - a worker must report, then exit
+            print(f"mailwarden worker {index}: {exc!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _supervise(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]]) -> int:
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    workers = {_fork_worker(cfg, bound, i): i for i in range(cfg.gateway.workers)}
+    while not stopping:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        index = workers.pop(pid, None)
+        if index is None or stopping:
+            continue
+        emit("gateway.worker_died", worker=index, pid=pid, status=status)
+        time.sleep(WORKER_RESTART_DELAY)
+        workers[_fork_worker(cfg, bound, index)] = index
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    while workers and time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        workers.pop(pid, None)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return 0
+
+
+def prepare(cfg: Config) -> list[str]:
+    """Create the state directories and the TLS certificate; return notes for the banner."""
+    notes = []
+    for path in (cfg.state_path, cfg.spool_path, cfg.mail_path, cfg.events_path.parent):
+        path.mkdir(parents=True, exist_ok=True)
+    if any(li.tls != "none" for li in cfg.listener):
+        if ensure_certificate(cfg.cert_path, cfg.key_path, cfg.gateway.hostname):
+            notes.append(f"  tls        generated a self-signed certificate: {cfg.cert_path}")
+        else:
+            notes.append(f"  tls        certificate {cfg.cert_path}")
+    return notes
+
+
+def run_gateway(cfg: Config, *, banner: bool = True) -> int:
+    """Start the gateway in the foreground; return the exit code when it stops."""
+    notes = prepare(cfg)
+    bound = bind_listeners(cfg)
+    set_sink(make_sink(cfg))
+    Spool.adopt_orphans(cfg.spool_path, cfg.gateway.workers)
+    emit("gateway.start", version=__version__, workers=cfg.gateway.workers,
+         listeners=[f"{li.name}={li.address}:{li.port}" for li in cfg.listener])
+    if banner:
+        print(describe(cfg))
+        for note in notes:
+            print(note)
+        print("  ready      (Ctrl-C or SIGTERM stops; 421 is sent to open sessions)", flush=True)
+    if cfg.gateway.workers == 1:
+        return _worker_main(cfg, bound, 0)
+    return _supervise(cfg, bound)

@@ -1,0 +1,179 @@
+"""A real Dovecot LMTP server on 127.0.0.1 for the tests, run unprivileged.
+
+``DovecotLMTP(workdir, users=[...])`` renders ``contrib/dovecot/dovecot-lmtp.conf.in`` with
+a free port, a passwd-file of the given addresses and a Maildir root under ``workdir``;
+``start()`` runs ``runuser -u nobody -- dovecot -c FILE -F`` and waits for the LMTP greeting;
+``stop()`` terminates it. ``messages(address)`` returns the raw messages delivered to one
+user (``mail_root/domain/localpart/{new,cur}``), ``wait_messages(address, n)`` polls for them.
+
+Security: Dovecot runs as ``nobody``, listens on 127.0.0.1 only, and knows only the users
+it is given (an unknown recipient is refused at RCPT with 550).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.maildir import maildir_messages
+from tests.support.ports import LOOPBACK, free_port, wait_port
+from tests.support.tmpdirs import owned_dir, poll, traversable
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "contrib" / "dovecot" / "dovecot-lmtp.conf.in"
+RUN_USER = "nobody"
+START_DEADLINE = 30.0
+
+
+def dovecot_available() -> bool:
+    return shutil.which("dovecot") is not None and Path("/usr/lib/dovecot/lmtp").exists()
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", value)
+    if "@" in "".join(line for line in template.splitlines() if not line.startswith("#")):
+        leftover = [ln for ln in template.splitlines() if "@" in ln and not ln.startswith("#")]
+        if any("@" in ln.split("=", 1)[-1] for ln in leftover):
+            raise ValueError(f"unfilled placeholders: {leftover}")
+    return template
+
+
+class DovecotLMTP:
+    """A private Dovecot instance speaking LMTP on ``127.0.0.1:port``."""
+
+    def __init__(self, workdir: Path, users: list[str], port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.users = [u.lower() for u in users]
+        self.port = port or free_port()
+        self.host = LOOPBACK
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_dir = self.workdir / "run"
+        self.state_dir = self.workdir / "state"
+        self.mail_root = self.workdir / "mail"
+        self.users_file = self.workdir / "users"
+        self.log_path = self.workdir / "dovecot.log"
+        self.conf = self.workdir / "dovecot.conf"
+
+    @property
+    def transport(self) -> str:
+        """The mailwarden transport string for this server."""
+        return f"lmtp:{self.host}:{self.port}"
+
+    def _prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        traversable(self.workdir)
+        os.chmod(self.workdir, 0o755)
+        for d in (self.base_dir, self.state_dir, self.mail_root):
+            owned_dir(d, RUN_USER, 0o755)
+        pw = pwd.getpwnam(RUN_USER)
+        lines = []
+        for user in self.users:
+            local, _, domain = user.partition("@")
+            home = self.mail_root / domain / local
+            lines.append(f"{user}::{pw.pw_uid}:{pw.pw_gid}::{home}::")
+        self.users_file.write_text("\n".join(lines) + "\n")
+        os.chmod(self.users_file, 0o644)
+        self.log_path.touch()
+        if os.geteuid() == 0:
+            os.chown(self.log_path, pw.pw_uid, pw.pw_gid)
+        text = render(
+            TEMPLATE.read_text(),
+            {
+                "BASE_DIR": str(self.base_dir),
+                "STATE_DIR": str(self.state_dir),
+                "LOG_PATH": str(self.log_path),
+                "ADDRESS": self.host,
+                "PORT": str(self.port),
+                "MAIL_ROOT": str(self.mail_root),
+                "USERS_FILE": str(self.users_file),
+                "RUN_USER": RUN_USER,
+            },
+        )
+        self.conf.write_text(text)
+        os.chmod(self.conf, 0o644)
+
+    def start(self) -> DovecotLMTP:
+        self._prepare()
+        cmd = ["dovecot", "-c", str(self.conf), "-F"]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", RUN_USER, "--", *cmd]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "dovecot.stderr", "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        try:
+            wait_port(self.port, self.host, START_DEADLINE, self.proc)
+            self._wait_greeting()
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"dovecot did not start: {exc}\n{self.diagnostics()}") from exc
+        return self
+
+    def _wait_greeting(self) -> None:
+        end = time.monotonic() + START_DEADLINE
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=5) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("no LMTP greeting")
+            time.sleep(0.1)
+
+    def diagnostics(self) -> str:
+        out = []
+        for f in (self.workdir / "dovecot.stderr", self.log_path):
+            if f.exists():
+                out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(15)
+        self.proc = None
+
+    def __enter__(self) -> DovecotLMTP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Reading delivered mail ------------------------------------------------------------
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.lower().partition("@")
+        return self.mail_root / domain / local
+
+    def messages(self, address: str) -> list[bytes]:
+        return maildir_messages(self.maildir(address))
+
+    def wait_messages(self, address: str, count: int = 1, deadline: float = 60.0) -> list[bytes]:
+        return poll(
+            lambda: (m if len(m := self.messages(address)) >= count else None),
+            deadline,
+            what=f"{count} message(s) for {address} in Dovecot",
+        )
