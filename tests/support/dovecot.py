@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tests.support.maildir import maildir_messages
 from tests.support.ports import LOOPBACK, free_port, wait_port
+from tests.support.procs import stop_group
 from tests.support.tmpdirs import owned_dir, poll, traversable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +37,13 @@ def dovecot_available() -> bool:
 
 
 def render(template: str, values: dict[str, str]) -> str:
+    """Fill ``@KEY@`` placeholders; raise if any is left."""
     for key, value in values.items():
         template = template.replace(f"@{key}@", value)
-    if "@" in "".join(line for line in template.splitlines() if not line.startswith("#")):
-        leftover = [ln for ln in template.splitlines() if "@" in ln and not ln.startswith("#")]
-        if any("@" in ln.split("=", 1)[-1] for ln in leftover):
-            raise ValueError(f"unfilled placeholders: {leftover}")
+    body = "\n".join(ln for ln in template.splitlines() if not ln.lstrip().startswith("#"))
+    left = sorted(set(re.findall(r"@[A-Z_]+@", body)))
+    if left:
+        raise ValueError(f"unfilled placeholders: {left}")
     return template
 
 
@@ -140,22 +142,9 @@ class DovecotLMTP:
         return "\n".join(out)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(15)
-        self.proc = None
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
 
     def __enter__(self) -> DovecotLMTP:
         return self.start()
