@@ -1,0 +1,214 @@
+"""Benchmark plumbing shared by the bench scripts: sink, load, latency probe, RSS sampler.
+
+Public names: ``Sink``, ``run_source``, ``LatencyProbe``, ``RssSampler``, ``free_port``,
+``wait_port``, ``percentile``.
+Security: talks only to 127.0.0.1; runs Postfix's smtp-source/smtp-sink as argument lists,
+never through a shell. Every loop is bounded by a count and a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+_MESG = re.compile(rb"mesg=(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline}s")
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class Sink:
+    """Postfix's smtp-sink on a loopback port; records when the n-th message arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+        self.history: list[tuple[float, int]] = []  # (monotonic time, messages so far)
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-c", "-m", "1000", f"127.0.0.1:{port}", "1024"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        wait_port(port)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        tail = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            found = _MESG.findall(tail + chunk)
+            tail = chunk[-32:]
+            if found:
+                self.count = int(found[-1])
+                self.history.append((time.monotonic(), self.count))
+
+    def reached(self, target: int) -> float | None:
+        """When the sink had received ``target`` messages, or None if it has not yet."""
+        for when, count in self.history:
+            if count >= target:
+                return when
+        return None
+
+    def wait(self, target: int, deadline: float) -> float | None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            when = self.reached(target)
+            if when is not None:
+                return when
+            time.sleep(0.1)
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_source(port: int, messages: int, sessions: int, size: int, timeout: float) -> float:
+    """Run smtp-source against 127.0.0.1:port; return the seconds it took."""
+    start = time.monotonic()
+    subprocess.run(
+        [
+            SMTP_SOURCE,
+            "-s",
+            str(sessions),
+            "-l",
+            str(size),
+            "-m",
+            str(messages),
+            "-f",
+            "sender@example.org",
+            "-t",
+            "rcpt@example.test",
+            "-M",
+            "client.example.org",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.monotonic() - start
+
+
+class LatencyProbe:
+    """A client that runs one transaction every ``interval`` seconds during the load and
+    records MAIL FROM .. final 250 latency (the load itself comes from smtp-source)."""
+
+    def __init__(self, port: int, interval: float = 0.05, limit: int = 5000) -> None:
+        self.port = port
+        self.interval = interval
+        self.limit = limit
+        self.samples: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._body = b"Subject: probe\r\n\r\n" + b"x" * 10_000 + b"\r\n"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.samples) < self.limit:
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as c:
+                    c.ehlo("probe.example.org")
+                    t0 = time.monotonic()
+                    c.sendmail("probe@example.org", ["rcpt@example.test"], self._body)
+                    self.samples.append(time.monotonic() - t0)
+            except (OSError, smtplib.SMTPException):
+                self.errors += 1
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(70)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            data = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            out.extend(int(x) for x in data.split())
+    except OSError:
+        pass
+    return out
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Samples the summed resident memory of a process tree; keeps the peak (KiB)."""
+
+    def __init__(self, root_pid: int, interval: float = 0.25) -> None:
+        self.root_pid = root_pid
+        self.interval = interval
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        seen, todo = [], [self.root_pid]
+        while todo and len(seen) < 10_000:
+            pid = todo.pop()
+            seen.append(pid)
+            todo.extend(_children(pid))
+        return seen
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = sum(_rss_kib(p) for p in self._tree())
+            self.peak_kib = max(self.peak_kib, total)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak_kib
