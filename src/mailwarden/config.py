@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -192,14 +193,25 @@ class TransportSpec(BaseModel):
         return self.kind
 
 
+def _transport_text(value: str) -> str:
+    TransportSpec.parse(value)
+    return value
+
+
+DomainKey = Annotated[str, AfterValidator(_domain)]
+TransportText = Annotated[str, AfterValidator(_transport_text)]
+
+
 class DeliveryConfig(_Section):
     """[delivery]: how queued mail leaves the gateway."""
 
     # Per-domain transports; domains without one use MX resolution (or the smarthost).
-    transports: dict[str, str] = Field(default_factory=lambda: {"example.edu": "maildir"})
+    transports: dict[DomainKey, TransportText] = Field(
+        default_factory=lambda: {"example.edu": "maildir"}
+    )
     smarthost: str = ""  # "HOST:PORT": send all non-hosted mail there instead of MX
     tls_policy: TLSPolicy = "may"
-    tls_policies: dict[str, TLSPolicy] = Field(default_factory=dict)  # per destination domain
+    tls_policies: dict[DomainKey, TLSPolicy] = Field(default_factory=dict)  # per destination domain
     port: int = Field(default=25, ge=1, le=65535)  # port for MX deliveries
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0
@@ -207,20 +219,6 @@ class DeliveryConfig(_Section):
     connection_reuse: bool = True
     max_reuse: int = Field(default=100, ge=1)  # messages per cached connection
     idle_reuse: Duration = 5.0  # seconds a cached connection is kept idle
-
-    @field_validator("transports")
-    @classmethod
-    def _transports(cls, v: dict[str, str]) -> dict[str, str]:
-        out = {}
-        for dom, spec in v.items():
-            TransportSpec.parse(spec)
-            out[_domain(dom)] = spec
-        return out
-
-    @field_validator("tls_policies")
-    @classmethod
-    def _policies(cls, v: dict[str, TLSPolicy]) -> dict[str, TLSPolicy]:
-        return {_domain(k): p for k, p in v.items()}
 
     @field_validator("smarthost")
     @classmethod
@@ -346,7 +344,7 @@ def _locate(lines: list[str], loc: tuple[int | str, ...]) -> int:
     want = [str(p) for p in loc]
     best = 0
     header = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    keyline = re.compile(r"^\s*\"?([A-Za-z0-9_.\-]+)\"?\s*=")
+    keyline = re.compile(r'^\s*("[^"]*"|[A-Za-z0-9_.\-]+)\s*=')
     for no, line in enumerate(lines, 1):
         hm = header.match(line)
         if hm:
@@ -362,10 +360,10 @@ def _locate(lines: list[str], loc: tuple[int | str, ...]) -> int:
             continue
         km = keyline.match(line)
         if km:
-            path = [*table, *km.group(1).split(".")]
-            if want[: len(path)] == path or path == want[: len(path)]:
-                return no
-            if path[: len(want)] == want:
+            raw = km.group(1)
+            key = [raw[1:-1]] if raw.startswith('"') else raw.split(".")
+            path = [*table, *key]
+            if want[: len(path)] == path or path[: len(want)] == want:
                 return no
     return best
 

@@ -103,9 +103,7 @@ async def _serve_worker(
     policy = Policy(cfg)
     needs_tls = any(li.tls != "none" for li in cfg.listener)
     ctx = server_context(cfg) if needs_tls else None
-    servers = [
-        SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy) for li, _ in bound
-    ]
+    servers = [SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy) for li, _ in bound]
     await scheduler.start()
     for server, (_, sock) in zip(servers, bound, strict=True):
         await server.start(sock)
@@ -149,7 +147,7 @@ def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]],
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = _worker_main(cfg, bound, index)
-        except BaseException as exc:  # noqa: BLE001 - a worker must report, then exit
+        except BaseException as exc:
             print(f"mailwarden worker {index}: {exc!r}", file=sys.stderr)
         finally:
             os._exit(code)
@@ -217,8 +215,12 @@ def run_gateway(cfg: Config, *, banner: bool = True) -> int:
     bound = bind_listeners(cfg)
     set_sink(make_sink(cfg))
     Spool.adopt_orphans(cfg.spool_path, cfg.gateway.workers)
-    emit("gateway.start", version=__version__, workers=cfg.gateway.workers,
-         listeners=[f"{li.name}={li.address}:{li.port}" for li in cfg.listener])
+    emit(
+        "gateway.start",
+        version=__version__,
+        workers=cfg.gateway.workers,
+        listeners=[f"{li.name}={li.address}:{li.port}" for li in cfg.listener],
+    )
     if banner:
         print(describe(cfg))
         for note in notes:
