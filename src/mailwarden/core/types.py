@@ -5,7 +5,7 @@ stores an ``EnvelopeSnapshot`` (frozen, JSON-serialisable). Policy answers with 
 ``Decision`` (data, not exceptions); one function in ``smtp.reply`` maps it to the wire.
 
 Public names: ``Direction``, ``Action``, ``Decision``, ``TLSInfo``, ``Session``, ``Envelope``,
-``EnvelopeSnapshot``, ``DeliveryStatus``, ``RecipientResult``, ``new_queue_id``,
+``EnvelopeSnapshot``, ``Symbol``, ``DeliveryStatus``, ``RecipientResult``, ``new_queue_id``,
 ``new_session_id``.
 Security: holds untrusted client data (addresses, HELO names) verbatim; consumers must
 escape it before logging or rendering (``core.events`` does).
@@ -170,6 +170,20 @@ class EnvelopeSnapshot:
             session_id=str(data.get("session_id", "")),
             is_bounce=bool(data.get("is_bounce", False)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    """One finding of a content scanner (rspamd style): a name, a score, a detail.
+
+    Scanners add symbols and never raise; a scanner that fails adds ``<NAME>_FAIL``.
+    ``detail`` may quote untrusted content (a virus name, a file name): escape on output,
+    and never put a detected sensitive value in it.
+    """
+
+    name: str
+    score: float = 0.0
+    detail: str = ""
 
 
 class DeliveryStatus(StrEnum):
