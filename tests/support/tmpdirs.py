@@ -1,10 +1,13 @@
 """Temporary directories that unprivileged daemons (Postfix, Dovecot as nobody) can use.
 
 pytest's ``tmp_path`` lives under ``/tmp/pytest-of-USER`` with mode 0700, which a daemon
-running as ``postfix`` or ``nobody`` cannot traverse. ``traversable(path)`` adds the search
-bit (o+x, not read) to every directory from ``path`` up to ``/tmp`` so a daemon can reach a
-directory it is given by name; ``owned_dir(path, user)`` creates a directory owned by
-``user``; ``poll(fn)`` waits for a condition with a deadline.
+running as ``postfix`` or ``nobody`` cannot traverse; and every pytest session (another
+developer's, an xdist worker) resets that directory to 0700 when it starts, so loosening it
+is a race. ``daemon_workdir(link)`` therefore makes a fresh ``/tmp/mw-*`` directory (0755,
+short paths for Unix sockets) and leaves a symlink to it at ``link`` inside ``tmp_path``;
+``remove_workdir(link)`` deletes both. ``traversable(path)`` adds the search bit (o+x, not
+read) to ``path`` and its parents up to ``/tmp``; ``owned_dir(path, user)`` creates a
+directory owned by ``user``; ``poll(fn)`` waits for a condition with a deadline.
 
 Security: only loosens traversal (x, never r or w) of the test's own temporary directories.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +40,28 @@ def traversable(path: Path) -> Path:
         except PermissionError:
             pass
     return path
+
+
+def daemon_workdir(link: Path, prefix: str = "mw-") -> Path:
+    """A new 0755 directory under /tmp for a daemon's files, linked from ``link``."""
+    real = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(real, 0o755)
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(real)
+    return real
+
+
+def remove_workdir(link: Path) -> None:
+    """Delete the directory ``link`` points to (made by ``daemon_workdir``) and the link."""
+    link = Path(link)
+    if link.is_symlink():
+        real = link.resolve()
+        if str(real).startswith("/tmp/mw-"):
+            shutil.rmtree(real, ignore_errors=True)
+        link.unlink()
 
 
 def owned_dir(path: Path, user: str, mode: int = 0o755) -> Path:
