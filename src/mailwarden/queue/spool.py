@@ -339,6 +339,12 @@ class Spool:
             raise SpoolCorrupt(f"{msg.snapshot.queue_id}: message data fails its checksum")
         return data
 
+    def read_head(self, msg: SpooledMessage, limit: int) -> bytes:
+        """The first ``limit`` bytes of the message (for the headers quoted in a DSN)."""
+        with open(msg.path, "rb") as fh:
+            fh.seek(msg.data_offset)
+            return fh.read(min(limit, msg.data_length))
+
     def read_journal(self, qid: str) -> Journal:
         try:
             with open(self.journal_path(qid), "rb") as fh:
