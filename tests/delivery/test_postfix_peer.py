@@ -10,6 +10,7 @@ import pytest
 from tests.delivery.conftest import make_cfg, make_item
 from tests.support.dnsserver import DNSServer
 
+from mailwarden.core.events import MemorySink, get_sink, set_sink
 from mailwarden.core.types import DeliveryStatus
 from mailwarden.delivery.router import Router
 
@@ -50,8 +51,17 @@ async def test_mixed_rcpt_replies(tmp_path: Path, downstream: Any) -> None:
 @pytest.mark.asyncio
 async def test_tls_may_uses_starttls(tmp_path: Path, downstream: Any) -> None:
     router = _router(tmp_path, downstream, tls_policy="may")
-    [r] = await router.deliver(make_item(router, ["known@dept.test"]))
+    sink, previous = MemorySink(), get_sink()
+    set_sink(sink)
+    try:
+        [r] = await router.deliver(make_item(router, ["known@dept.test"]))
+    finally:
+        set_sink(previous)
     await router.close()
+    names = [e.name for e in sink.events]
+    assert names == ["delivery.connect", "delivery.tls"]
+    tls_event = sink.events[1].fields
+    assert tls_event["queue_id"] == "TESTQ1" and tls_event["version"] == r.tls.version  # type: ignore[union-attr]
     assert r.status == DELIVERED
     assert r.tls is not None and r.tls.version.startswith("TLS") and r.tls.cipher
     assert r.tls.bits and r.tls.bits >= 128

@@ -340,9 +340,7 @@ def _absolute(zone: dns.zone.Zone, name: str) -> dns.name.Name:
 
 
 def _rrset(name: dns.name.Name, rds: dns.rdataset.Rdataset) -> dns.rrset.RRset:
-    rrset = dns.rrset.RRset(name, rds.rdclass, rds.rdtype)
-    rrset.update(rds)
-    return rrset
+    return dns.rrset.from_rdata_list(name, rds.ttl, list(rds))
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
