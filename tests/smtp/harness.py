@@ -8,6 +8,7 @@ Security: binds and connects to 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import threading
@@ -24,6 +25,19 @@ from mailwarden.smtp.tls import ensure_certificate
 
 LOOPBACK = "127.0.0.1"
 IO_TIMEOUT = 10.0  # seconds a test client waits for a reply before failing
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """The loop the gateway runs on: uvloop when installed (MAILWARDEN_TEST_LOOP=asyncio
+    forces the standard loop, to test both)."""
+    if os.environ.get("MAILWARDEN_TEST_LOOP") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
 
 
 class RecordingSink:
@@ -71,7 +85,7 @@ class Running:
 
             self.ssl_context = server_context(cfg)
         listener = ListenerConfig(name="test", address=LOOPBACK, port=2525, tls=tls)  # type: ignore[arg-type]
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = SmtpServer(
