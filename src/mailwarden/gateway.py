@@ -20,7 +20,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mailwarden import __version__
 from mailwarden.config import Config, ListenerConfig
@@ -116,13 +117,14 @@ async def _serve_worker(
     emit("gateway.worker_stopped", worker=index, pid=os.getpid())
 
 
-def _run_loop(main: Callable[[], object]) -> None:
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` on uvloop when it is installed (faster sockets), else on asyncio."""
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:
-        asyncio.run(main())  # type: ignore[arg-type]
+        asyncio.run(main())
+        return
+    uvloop.run(main())
 
 
 def make_sink(cfg: Config) -> EventSink:
