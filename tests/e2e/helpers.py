@@ -92,16 +92,17 @@ def swaks(port: int, *args: str, data: bytes | None = None, timeout: float = 60
 
 
 def is_deferred(ev: dict[str, Any]) -> bool:
-    """An event that says a delivery attempt was deferred (temporary failure)."""
+    """An event that says a delivery attempt was deferred (``queue.deferred``, or a
+    ``delivery.result`` whose status is deferred)."""
     name = str(ev.get("event", ""))
-    values = {str(ev.get(k, "")).lower() for k in ("status", "action", "result", "outcome")}
-    return "deferred" in name or "deferred" in values or "defer" in name.split(".")[-1]
+    return name == "queue.deferred" or (
+        name == "delivery.result" and str(ev.get("status", "")).lower() == "deferred"
+    )
 
 
 def is_delivered(ev: dict[str, Any]) -> bool:
-    name = str(ev.get("event", ""))
-    values = {str(ev.get(k, "")).lower() for k in ("status", "action", "result", "outcome")}
-    return name.endswith("delivered") or "delivered" in values or "sent" in values
+    return ev.get("event") == "delivery.result" and str(ev.get("status", "")).lower() in (
+        "delivered", "sent")
 
 
 def dsn_parts(raw: bytes) -> tuple[Message, list[Message]]:

@@ -22,7 +22,8 @@ DEPT = "dept.example.edu"
 
 
 def _deferred_for(gw, mid: str) -> bool:
-    return any(is_deferred(e) and (e.get("message_id") in (mid, None)) for e in gw.events())
+    """A ``queue.deferred`` event (docs/events.md) names this message."""
+    return any(is_deferred(e) and e.get("message_id") == mid for e in gw.events())
 
 
 def test_retry_then_flush_delivers(gateway_factory, postfix_factory):
@@ -76,6 +77,11 @@ def test_expiry_sends_dsn_to_sender_never_to_null_sender(gateway_factory):
     boxes = [p for p in gw.mail_root.glob("*/*") if p.is_dir()]
     assert [p.name for p in boxes] == ["henry"], boxes
     assert null_mid.encode() not in raw
+    # The events agree: both expired, only the real sender's got a DSN.
+    expired = {e.get("message_id"): e for e in gw.events("queue.expired")}
+    assert set(expired) == {mid, null_mid}, list(expired)
+    assert expired[mid].get("dsn_queue_id")
+    assert not expired[null_mid].get("dsn_queue_id"), "no bounce to the null sender"
 
 
 def test_restart_recovers_deferred_mail(gateway_factory, postfix_factory):

@@ -167,12 +167,16 @@ class Gateway:
         return self.state_dir / "tls" / "cert.pem"
 
     # Life cycle -------------------------------------------------------------------------
+    def serve_command(self) -> list[str]:
+        """The command that runs the gateway in the foreground."""
+        return [sys.executable, "-m", "mailwarden", "serve", "-c", str(self.config_file)]
+
     def start(self) -> Gateway:
         self.starts += 1
         log = self.workdir / f"serve-{self.starts}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailwarden", "serve", "-c", str(self.config_file)],
+            self.serve_command(),
             stdout=open(log, "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
