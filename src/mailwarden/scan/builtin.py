@@ -1,0 +1,198 @@
+"""The built-in scanner: test signatures, dangerous attachments, archives, malformed MIME.
+
+``BuiltinScanner(settings)`` is a ``Scanner`` named ``BUILTIN`` (the embedded default when no
+daemon is configured, and always on as a second line). Per message it adds:
+
+- ``BUILTIN_VIRUS`` -- the EICAR test string in the raw message or any decoded part or
+  archive member, or a SHA-256 from ``bad_sha256`` (forced quarantine like any ``*_VIRUS``);
+- ``GTUBE`` -- the GTUBE spam test string (score high enough to reject);
+- ``ATTACH_EXECUTABLE`` -- a part or member that *is* a program by its magic bytes (PE/DOS
+  ``MZ``, ELF, Mach-O, Java class, Windows shortcut, ``#!`` scripts), whatever its name;
+- ``ATTACH_DANGEROUS_NAME`` -- a name ending in .exe .scr .js .vbs .bat .cmd .ps1 .jar .hta
+  .lnk and friends; ``ATTACH_DOUBLE_EXT`` -- ``invoice.pdf.exe``-style names;
+- ``OFFICE_MACRO`` -- macro-enabled Office files (.docm/.xlsm/.pptm..., OLE2 with a VBA
+  project, OOXML with ``vbaProject.bin``);
+- ``ARCHIVE_BOMB`` / ``ARCHIVE_ENCRYPTED`` / ``ARCHIVE_CORRUPT`` (``scan.archive``);
+- ``MIME_MALFORMED`` -- structural defects (``scan.mime``).
+
+Symbols of one name are reported once, with the places in the detail.
+
+Public names: ``BuiltinScanner``, ``scan_message``, ``DANGEROUS_EXTENSIONS``.
+Security: all content is hostile: only byte comparisons, hashing and bounded decompression,
+nothing is executed or written. Messages above ``INLINE_MAX`` are scanned in a worker
+thread so the event loop keeps serving other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable
+
+from mailwarden.core.types import Symbol
+from mailwarden.scan.archive import Budget, archive_kind, expand
+from mailwarden.scan.base import ScanInput, clean_detail, fail_symbol
+from mailwarden.scan.mime import parse
+from mailwarden.scan.settings import BuiltinSettings
+
+NAME = "BUILTIN"
+INLINE_MAX = 256 * 1024  # messages up to this size are scanned on the event loop
+MAX_PLACES = 5  # places (part paths, file names) quoted per symbol
+
+# Assembled at import so this source file itself carries neither test string.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!"
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*" + b"GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+DANGEROUS_EXTENSIONS = _words(
+    "exe scr com pif cpl msi msp dll sys js jse vbs vbe wsf wsh wsc bat cmd ps1 psm1 "
+    "jar hta lnk reg inf iso img vhd vhdx appx msix application gadget scf url chm"
+)
+MACRO_EXTENSIONS = _words("docm dotm xlsm xltm xlam xlsb pptm potm ppsm ppam sldm")
+# Extensions a lure pretends to be before the real, dangerous one.
+_LURE_EXTENSIONS = _words(
+    "pdf doc docx xls xlsx ppt pptx txt rtf jpg jpeg png gif bmp zip rar mp3 mp4 htm "
+    "html csv odt ods"
+)
+_OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_VBA_STREAM = "_VBA_PROJECT".encode("utf-16-le")
+_LNK = b"L\x00\x00\x00\x01\x14\x02\x00"
+_MAGIC = (
+    (b"MZ", "DOS/PE executable"),
+    (b"\x7fELF", "ELF executable"),
+    (b"\xfe\xed\xfa\xce", "Mach-O executable"),
+    (b"\xfe\xed\xfa\xcf", "Mach-O executable"),
+    (b"\xce\xfa\xed\xfe", "Mach-O executable"),
+    (b"\xcf\xfa\xed\xfe", "Mach-O executable"),
+    (b"\xca\xfe\xba\xbe", "Mach-O universal / Java class"),
+    (_LNK, "Windows shortcut"),
+    (b"#!", "script"),
+)
+SCORES = {
+    "GTUBE": 100.0,
+    "ATTACH_EXECUTABLE": 10.0,
+    "ATTACH_DANGEROUS_NAME": 8.0,
+    "ATTACH_DOUBLE_EXT": 6.0,
+    "OFFICE_MACRO": 5.0,
+    "MIME_MALFORMED": 3.0,
+    "BUILTIN_VIRUS": 0.0,
+}
+
+
+class _Findings:
+    """Symbols by name with their places (deduplicated)."""
+
+    def __init__(self) -> None:
+        self.places: dict[str, list[str]] = {}
+
+    def add(self, name: str, place: str) -> None:
+        places = self.places.setdefault(name, [])
+        if place not in places:
+            places.append(place)
+
+    def symbols(self) -> list[Symbol]:
+        out = []
+        for name, places in self.places.items():
+            detail = ", ".join(places[:MAX_PLACES])
+            if len(places) > MAX_PLACES:
+                detail += f" (+{len(places) - MAX_PLACES} more)"
+            out.append(Symbol(name, SCORES.get(name, 0.0), clean_detail(detail)))
+        return out
+
+
+def _extensions(name: str) -> list[str]:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip().strip(".").lower()
+    return [e.strip() for e in base.split(".")[1:]]
+
+
+def _check_name(name: str, place: str, found: _Findings) -> None:
+    exts = _extensions(name)
+    if not exts:
+        return
+    last = exts[-1]
+    if last in DANGEROUS_EXTENSIONS:
+        found.add("ATTACH_DANGEROUS_NAME", place)
+        base = name.rsplit(".", 1)[0]
+        if (len(exts) >= 2 and exts[-2] in _LURE_EXTENSIONS) or base.endswith("   "):
+            found.add("ATTACH_DOUBLE_EXT", place)
+    if last in MACRO_EXTENSIONS:
+        found.add("OFFICE_MACRO", place)
+
+
+def _check_content(
+    data: bytes, place: str, found: _Findings, bad: frozenset[str], named: bool = True
+) -> None:
+    if EICAR in data:
+        found.add("BUILTIN_VIRUS", f"EICAR-Test-File in {place}")
+    if GTUBE in data:
+        found.add("GTUBE", place)
+    for magic, what in _MAGIC:
+        # A message body that starts with "#!" is text about a script, not an attachment.
+        if data.startswith(magic) and (named or magic != b"#!"):
+            found.add("ATTACH_EXECUTABLE", f"{what}: {place}")
+            break
+    if data.startswith(_OLE) and _VBA_STREAM in data:
+        found.add("OFFICE_MACRO", place)
+    if bad and data and hashlib.sha256(data).hexdigest() in bad:
+        found.add("BUILTIN_VIRUS", f"known-bad SHA-256 in {place}")
+
+
+def _check_object(
+    name: str | None, data: bytes, place: str, found: _Findings, bad: frozenset[str], budget: Budget
+) -> None:
+    """One part or archive member, and (for archives) everything inside it."""
+    if name:
+        _check_name(name, place, found)
+        if name.rsplit("/", 1)[-1].lower() == "vbaproject.bin":
+            found.add("OFFICE_MACRO", place)
+    _check_content(data, place, found, bad, named=bool(name))
+    if archive_kind(data) is None:
+        return
+    for path, content in expand(data, place, budget):
+        leaf = path.rsplit("/", 1)[-1]
+        _check_name(leaf, path, found)
+        if leaf.lower() == "vbaproject.bin":
+            found.add("OFFICE_MACRO", path)
+        _check_content(content, path, found, bad)
+
+
+def scan_message(raw: bytes, bad_sha256: Iterable[str] = ()) -> list[Symbol]:
+    """All built-in findings for one wire-format message (pure, CPU only)."""
+    bad = frozenset(bad_sha256)
+    found = _Findings()
+    budget = Budget()
+    if EICAR in raw:
+        found.add("BUILTIN_VIRUS", "EICAR-Test-File in message")
+    if GTUBE in raw:
+        found.add("GTUBE", "message")
+    tree = parse(raw)
+    for part in tree.parts():
+        label = part.filename or f"part {part.path} ({part.content_type})"
+        place = clean_detail(label, 80)
+        _check_object(part.filename, part.payload, place, found, bad, budget)
+    if tree.defects:
+        found.add("MIME_MALFORMED", ", ".join(tree.defects[:MAX_PLACES]))
+    return found.symbols() + budget.findings
+
+
+class BuiltinScanner:
+    """The ``BUILTIN`` scanner (pure Python, no daemon)."""
+
+    name = NAME
+
+    def __init__(self, settings: BuiltinSettings | None = None) -> None:
+        self.settings = settings or BuiltinSettings()
+        self.timeout = self.settings.timeout
+        self._bad = tuple(self.settings.bad_sha256)
+
+    async def scan(self, msg: ScanInput) -> list[Symbol]:
+        try:
+            if len(msg.raw) <= INLINE_MAX:
+                return scan_message(msg.raw, self._bad)
+            return await asyncio.to_thread(scan_message, msg.raw, self._bad)
+        except (MemoryError, RecursionError, Exception) as exc:  # never raise (contract)
+            return [fail_symbol(NAME, f"{type(exc).__name__}: {exc}")]

@@ -1,0 +1,45 @@
+"""Build the scanners and the verdict engine from ``ScanSettings``; say what is running.
+
+``build_scanners(settings)`` returns the configured backends: ClamAV when
+``clamav.socket`` is set, rspamd when ``rspamd.url`` is set, the built-in scanner unless
+disabled. ``build_engine(settings)`` wraps them in a ``VerdictEngine``.
+``scanning_notice(settings)`` is the line for ``mailwarden status`` and the startup banner
+when virus scanning is limited to the built-in signatures (``None`` when ClamAV is on).
+
+Public names: ``build_scanners``, ``build_engine``, ``scanning_notice``, ``LIMITED_NOTICE``.
+Security: reads trusted settings only.
+"""
+
+from __future__ import annotations
+
+from mailwarden.scan.base import Scanner
+from mailwarden.scan.builtin import BuiltinScanner
+from mailwarden.scan.clamav import ClamdScanner
+from mailwarden.scan.rspamd import RspamdScanner
+from mailwarden.scan.settings import ScanSettings
+from mailwarden.scan.verdict import VerdictEngine
+
+LIMITED_NOTICE = "virus scanning is limited (built-in signatures only)"
+
+
+def build_scanners(settings: ScanSettings) -> list[Scanner]:
+    scanners: list[Scanner] = []
+    if settings.clamav.socket:
+        scanners.append(ClamdScanner(settings.clamav))
+    if settings.rspamd.url:
+        scanners.append(RspamdScanner(settings.rspamd))
+    if settings.builtin.enabled:
+        scanners.append(BuiltinScanner(settings.builtin))
+    return scanners
+
+
+def build_engine(settings: ScanSettings | None = None) -> VerdictEngine:
+    settings = settings or ScanSettings()
+    return VerdictEngine(build_scanners(settings), settings)
+
+
+def scanning_notice(settings: ScanSettings) -> str | None:
+    """The warning to show when no real virus scanner is configured, else None."""
+    if settings.clamav.socket:
+        return None
+    return LIMITED_NOTICE

@@ -1,0 +1,171 @@
+"""rspamd over HTTP ``POST /checkv2``, one pooled ``httpx.AsyncClient`` per scanner.
+
+``RspamdScanner(settings)`` is a ``Scanner`` named ``RSPAMD``. It posts the raw message with
+the envelope as rspamd's request headers (``IP``, ``Helo``, ``From``, one ``Rcpt`` per
+recipient, ``Queue-Id``, ``User`` for an authenticated sender; never ``Pass: all``) and turns
+the JSON reply into symbols:
+
+- every rspamd symbol becomes ``RSPAMD_<NAME>`` with rspamd's score and its options as
+  detail. The prefix marks the source (rspamd has its own ``MIME_BAD``-style names that
+  would collide with the built-in scanners) and lets ``[scan.scores]`` override one
+  rspamd symbol without touching a built-in one;
+- rspamd's action becomes ``RSPAMD_ACTION_<ACTION>`` (``no action`` -> ``NO_ACTION``,
+  ``soft reject`` -> ``SOFT_REJECT``) with score 0; the verdict engine's ``forced`` table
+  maps ``RSPAMD_ACTION_REJECT`` to a reject. rspamd's own total is in the detail.
+
+Anything else -- connection refused, timeout, non-200, not JSON, no ``action``, an
+``error`` key -- is ``RSPAMD_FAIL``.
+
+Public names: ``RspamdScanner``, ``parse_result``, ``request_headers``.
+Security: the message and envelope are hostile: header values are stripped of control
+characters (no header injection into the HTTP request), the reply is read with a size cap
+and parsed defensively (types checked, names restricted to ``[A-Z0-9_]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+
+from mailwarden.core.types import Symbol
+from mailwarden.scan.base import ScanInput, clean_detail, fail_symbol
+from mailwarden.scan.settings import RspamdSettings
+
+NAME = "RSPAMD"
+MAX_REPLY = 1 << 20  # bytes of a /checkv2 reply we accept
+MAX_SYMBOLS = 500  # symbols taken from one reply
+MAX_HEADER_VALUE = 998  # characters of one request header value
+MAX_OPTIONS = 5  # symbol options quoted in a detail
+_NAME_UNSAFE = re.compile(r"[^A-Z0-9_]")
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _hv(value: str) -> bytes:
+    """A request header value: no control characters, bounded, UTF-8."""
+    return _CTL.sub("", value)[:MAX_HEADER_VALUE].encode("utf-8", "replace")
+
+
+def request_headers(msg: ScanInput, password: str = "") -> list[tuple[bytes, bytes]]:
+    """rspamd's request headers for ``msg`` (repeated ``Rcpt``; absent facts left out)."""
+    headers: list[tuple[bytes, bytes]] = []
+    if msg.client_ip:
+        headers.append((b"IP", _hv(msg.client_ip)))
+    if msg.helo:
+        headers.append((b"Helo", _hv(msg.helo)))
+    headers.append((b"From", _hv(msg.sender)))
+    headers.extend((b"Rcpt", _hv(r)) for r in msg.recipients)
+    if msg.queue_id:
+        headers.append((b"Queue-Id", _hv(msg.queue_id)))
+    if msg.auth_user:
+        headers.append((b"User", _hv(msg.auth_user)))
+    if password:
+        headers.append((b"Password", _hv(password)))
+    headers.append((b"Content-Type", b"message/rfc822"))
+    return headers
+
+
+def _symbol_name(raw: str) -> str:
+    return NAME + "_" + _NAME_UNSAFE.sub("_", raw.upper())[:60]
+
+
+def parse_result(body: bytes) -> list[Symbol]:
+    """Symbols for a ``/checkv2`` JSON reply; ``RSPAMD_FAIL`` if it is not a usable one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return [fail_symbol(NAME, "reply is not JSON")]
+    if not isinstance(data, dict):
+        return [fail_symbol(NAME, "reply is not a JSON object")]
+    if "error" in data:
+        return [fail_symbol(NAME, f"rspamd error: {clean_detail(str(data['error']), 120)}")]
+    action = data.get("action")
+    score = data.get("score")
+    if not isinstance(action, str) or not action or not _is_number(score):
+        return [fail_symbol(NAME, "reply has no action or score")]
+    required = data.get("required_score")
+    out: list[Symbol] = []
+    symbols = data.get("symbols", {})
+    if not isinstance(symbols, dict):
+        return [fail_symbol(NAME, "reply symbols are not an object")]
+    for key, entry in list(symbols.items())[:MAX_SYMBOLS]:
+        if not isinstance(entry, dict):
+            return [fail_symbol(NAME, "reply symbol is not an object")]
+        name = entry.get("name", key)
+        sym_score = entry.get("score", 0.0)
+        if not isinstance(name, str) or not _is_number(sym_score):
+            return [fail_symbol(NAME, "reply symbol has no name or score")]
+        options = entry.get("options") or []
+        detail = ""
+        if isinstance(options, list):
+            detail = ", ".join(str(o) for o in options[:MAX_OPTIONS])
+        out.append(Symbol(_symbol_name(name), float(sym_score), clean_detail(detail)))
+    req = f" required={required:.2f}" if _is_number(required) else ""
+    out.append(
+        Symbol(
+            _symbol_name("ACTION_" + action.replace(" ", "_")),
+            0.0,
+            clean_detail(f"rspamd action {action!r} score={score:.2f}{req}"),
+        )
+    )
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class RspamdScanner:
+    """The ``RSPAMD`` scanner (one HTTP connection pool, shared by all sessions)."""
+
+    name = NAME
+
+    def __init__(
+        self, settings: RspamdSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        if not settings.url:
+            raise ValueError("rspamd url is empty")
+        self.settings = settings
+        self.timeout = settings.timeout
+        self.url = settings.url + "/checkv2"
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        )
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.timeout),
+            limits=limits,
+            transport=transport,
+            trust_env=False,  # never an HTTP proxy from the environment
+        )
+
+    async def scan(self, msg: ScanInput) -> list[Symbol]:
+        headers = request_headers(msg, self.settings.password)
+        try:
+            async with self._client.stream(
+                "POST", self.url, content=msg.raw, headers=headers
+            ) as resp:
+                if resp.status_code != 200:
+                    return [fail_symbol(NAME, f"HTTP status {resp.status_code}")]
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_REPLY:
+                        return [fail_symbol(NAME, "reply too large")]
+        except httpx.TimeoutException:
+            return [fail_symbol(NAME, f"no answer within {self.settings.timeout:g} s")]
+        except (httpx.HTTPError, OSError) as exc:
+            return [fail_symbol(NAME, f"{type(exc).__name__}: {exc}")]
+        return parse_result(bytes(body))
+
+    async def ping(self) -> bool:
+        try:
+            resp = await self._client.get(self.settings.url + "/ping")
+        except (httpx.HTTPError, OSError):
+            return False
+        return resp.status_code == 200 and resp.content.strip() == b"pong"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
