@@ -343,20 +343,14 @@ class Gateway:
         return res
 
     def queue_list(self) -> list[dict[str, Any]]:
-        """Queued messages from ``mailwarden queue list --json`` (a list of objects)."""
+        """Queued messages from ``mailwarden queue list --json``: one JSON object per
+        message per line, like ``postqueue -j`` (a single JSON array is accepted too)."""
         out = self.cli("queue", "list", "--json").stdout.strip()
         if not out:
             return []
-        try:
-            data = json.loads(out)
-        except json.JSONDecodeError:  # JSON lines
-            data = [json.loads(line) for line in out.splitlines() if line.strip()]
-        if isinstance(data, dict):
-            for key in ("messages", "queue", "items"):
-                if isinstance(data.get(key), list):
-                    return data[key]
-            return []
-        return data
+        if out.startswith("["):
+            return list(json.loads(out))
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def flush(self) -> None:
         self.cli("queue", "flush")
