@@ -3,7 +3,7 @@
 ``build_db(dbdir, version=1, date=None)`` runs ``scripts/build-clamav-db.sh`` (``date`` is
 anything ``date -d`` parses, e.g. ``"3 days ago"``). ``Clamd(workdir, dbdir, tcp=False)``
 renders ``contrib/clamav/clamd.conf.in`` (Unix socket ``workdir/clamd.sock``, optionally
-``TCPSocket`` on 127.0.0.1), ``start()`` runs ``/usr/sbin/clamd`` in the foreground and waits
+``TCPSocket`` on 127.0.0.1; ``stream_max`` sets ``StreamMaxLength``), ``start()`` runs ``/usr/sbin/clamd`` in the foreground and waits
 until it answers ``PING``; ``stop()`` terminates it and can be followed by ``start()`` again
 (the fail-closed tests stop clamd mid-test). ``address`` is what the scanner connects to.
 
@@ -16,7 +16,6 @@ teardown stops exactly the process this module started.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -71,8 +70,11 @@ def _ask(address: str, command: bytes, timeout: float = 5.0) -> bytes:
 class Clamd:
     """A private clamd on a Unix socket (and optionally 127.0.0.1:port)."""
 
-    def __init__(self, workdir: Path, dbdir: Path, *, tcp: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, dbdir: Path, *, tcp: bool = False, stream_max: str = "64M"
+    ) -> None:
         self.workdir = Path(workdir)
+        self.stream_max = stream_max
         self.dbdir = Path(dbdir)
         self.socket_path = self.workdir / "clamd.sock"
         self.port = free_port() if tcp else None
@@ -98,15 +100,13 @@ class Clamd:
             "SOCKET": str(self.socket_path),
             "RUNDIR": str(self.workdir),
             "TCP": tcp,
+            "STREAM_MAX": self.stream_max,
         }.items():
             text = text.replace(f"@{key}@", value)
         assert "@" not in "".join(ln for ln in text.splitlines() if not ln.startswith("#")), (
             "unfilled placeholder in clamd.conf.in"
         )
         self.conf.write_text(text)
-        if os.geteuid() == 0:
-            # clamd runs as root here (no User directive), nothing to chown.
-            pass
 
     def start(self) -> Clamd:
         self._render()

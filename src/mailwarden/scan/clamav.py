@@ -141,26 +141,38 @@ class ClamdClient:
             await _close(writer)
 
     async def instream(self, data: bytes) -> bytes:
-        """Stream ``data`` with INSTREAM and return clamd's reply."""
+        """Stream ``data`` with INSTREAM and return clamd's reply.
+
+        The reply is read concurrently with the upload: clamd answers early and closes
+        (``INSTREAM size limit exceeded``), and a reader that only starts after the upload
+        would see the broken pipe instead of the reason.
+        """
         reader, writer = await self._open()
+        reply = asyncio.ensure_future(_read_reply(reader))
         try:
             try:
                 writer.write(b"zINSTREAM\0")
                 view = memoryview(data)
                 for start in range(0, len(view), self.chunk_size):
+                    if reply.done():
+                        break
                     chunk = view[start : start + self.chunk_size]
                     writer.write(struct.pack(">I", len(chunk)))
                     writer.write(chunk)
                     await writer.drain()
-                writer.write(struct.pack(">I", 0))
-                await writer.drain()
+                else:
+                    writer.write(struct.pack(">I", 0))
+                    await writer.drain()
             except OSError:
-                # clamd closes early on errors (size limit); its reply says why.
-                pass
-            return await _read_reply(reader)
+                pass  # clamd closed early; its reply (if any) says why
+            return await reply
         except OSError as exc:
             raise ClamdError(f"clamd connection failed: {exc}") from exc
         finally:
+            if not reply.done():
+                reply.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reply
             await _close(writer)
 
 
