@@ -52,8 +52,11 @@ def plain(body: str | bytes, subject: str = "A plain message") -> bytes:
 
 
 def with_attachment(
-    data: bytes, filename: str, ctype: str = "application/octet-stream",
-    subject: str = "Document attached", text: str = "Please see the attachment.\n",
+    data: bytes,
+    filename: str,
+    ctype: str = "application/octet-stream",
+    subject: str = "Document attached",
+    text: str = "Please see the attachment.\n",
 ) -> bytes:
     msg = _base(subject)
     msg.set_content(text)

@@ -46,8 +46,12 @@ def names(symbols: list) -> list[str]:  # type: ignore[type-arg]
     [
         pytest.param(lambda: plain(eicar()), id="plain-body"),
         pytest.param(lambda: with_attachment(eicar(), "eicar.com"), id="base64-attachment"),
-        pytest.param(lambda: with_attachment(zip_of({"x/eicar.com": eicar()}), "files.zip",
-                                             "application/zip"), id="inside-zip"),
+        pytest.param(
+            lambda: with_attachment(
+                zip_of({"x/eicar.com": eicar()}), "files.zip", "application/zip"
+            ),
+            id="inside-zip",
+        ),
     ],
 )
 async def test_eicar_detected_and_quarantined(clamd: Clamd, make: Callable[[], bytes]) -> None:
@@ -63,7 +67,8 @@ async def test_eicar_detected_and_quarantined(clamd: Clamd, make: Callable[[], b
 @pytest.mark.asyncio
 async def test_eicar_outbound_is_su5(clamd: Clamd) -> None:
     verdict = await engine_for(scanner(clamd.address)).judge(
-        scan_input(plain(eicar()), Direction.OUTBOUND))
+        scan_input(plain(eicar()), Direction.OUTBOUND)
+    )
     assert verdict.action is Action.QUARANTINE
     assert verdict.control is not None and verdict.control.value == "SU-5"
 

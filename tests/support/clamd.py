@@ -3,9 +3,10 @@
 ``build_db(dbdir, version=1, date=None)`` runs ``scripts/build-clamav-db.sh`` (``date`` is
 anything ``date -d`` parses, e.g. ``"3 days ago"``). ``Clamd(workdir, dbdir, tcp=False)``
 renders ``contrib/clamav/clamd.conf.in`` (Unix socket ``workdir/clamd.sock``, optionally
-``TCPSocket`` on 127.0.0.1; ``stream_max`` sets ``StreamMaxLength``), ``start()`` runs ``/usr/sbin/clamd`` in the foreground and waits
-until it answers ``PING``; ``stop()`` terminates it and can be followed by ``start()`` again
-(the fail-closed tests stop clamd mid-test). ``address`` is what the scanner connects to.
+``TCPSocket`` on 127.0.0.1; ``stream_max`` sets ``StreamMaxLength``), ``start()`` runs
+``/usr/sbin/clamd`` in the foreground and waits until it answers ``PING``; ``stop()``
+terminates it and can be followed by ``start()`` again (the fail-closed tests stop clamd
+mid-test). ``address`` is what the scanner connects to.
 
 ``FakeBrokenClamd`` (answers nonsense) and ``SilentListener`` (accepts, never answers) stand
 in for faults the real clamd cannot be made to produce.

@@ -105,6 +105,17 @@ def _drain(reader: _Reader, compressed: int, label: str, budget: Budget) -> byte
             return None
 
 
+def _claim(budget: Budget, size: int, compressed: int, label: str) -> bool:
+    """Stop early when a header honestly claims too much (a lie is caught by ``_charge``)."""
+    if budget.expanded + size > budget.max_bytes:
+        budget.bomb(
+            f"claims {size >> 20} MB, past the {budget.max_bytes >> 20} MB budget (at {label})"
+        )
+    elif size > RATIO_MIN_BYTES and size > MAX_RATIO * max(compressed, 1):
+        budget.bomb(f"claims a compression ratio above {MAX_RATIO}:1 (at {label})")
+    return not budget.exhausted
+
+
 def _charge(budget: Budget, step: int, total: int, compressed: int, label: str) -> bool:
     budget.expanded += step
     if budget.expanded > budget.max_bytes:
@@ -164,6 +175,8 @@ def _zip_members(data: bytes, label: str, budget: Budget) -> Iterator[tuple[str,
                 budget.note("ARCHIVE_ENCRYPTED", 4.0, path)
                 yield path, b""
                 continue
+            if not _claim(budget, info.file_size, info.compress_size, path):
+                return
             with zf.open(info) as member:
                 content = _drain(member, info.compress_size, path, budget)
             if content is None:
@@ -178,6 +191,8 @@ def _tar_members(data: bytes, label: str, budget: Budget) -> Iterator[tuple[str,
                 continue
             path = f"{label}/{info.name}"
             if not budget.count_member(path):
+                return
+            if not _claim(budget, info.size, info.size, path):
                 return
             member = tf.extractfile(info)
             if member is None:
@@ -203,7 +218,9 @@ def _stream_member(
         while True:
             chunk = dec.decompress(buf, CHUNK)
             out += chunk
-            if chunk and not _charge(budget, len(chunk), len(out), len(data), path):
+            # Input consumed so far (zlib hands back what it has not read yet).
+            consumed = len(data) - len(_tail(dec))
+            if chunk and not _charge(budget, len(chunk), len(out), consumed, path):
                 return
             if dec.eof:
                 pending = dec.unused_data.lstrip(b"\0")

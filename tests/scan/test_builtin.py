@@ -1,0 +1,199 @@
+"""Built-in scanner: test strings in decoded parts, dangerous attachments, archives, MIME."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from mailwarden.core.types import Symbol
+from mailwarden.scan import Action, BuiltinScanner, VerdictEngine
+from mailwarden.scan.builtin import scan_message
+from tests.scan.messages import eicar, gtube, ham, plain, scan_input, with_attachment, zip_of
+
+ELF = b"\x7fELF\x02\x01\x01" + b"\0" * 57
+PE = b"MZ\x90\x00" + b"\0" * 60
+
+
+def names(symbols: list[Symbol]) -> list[str]:
+    return sorted(s.name for s in symbols)
+
+
+def tgz_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_ham_is_clean() -> None:
+    assert scan_message(ham()) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(plain(eicar()), id="plain"),
+        pytest.param(with_attachment(eicar(), "e.com"), id="base64"),
+        pytest.param(
+            with_attachment(zip_of({"e.com": eicar()}), "e.zip", "application/zip"), id="zip"
+        ),
+        pytest.param(
+            with_attachment(zip_of({"in.zip": zip_of({"e.txt": eicar()})}), "z.zip"),
+            id="zip-in-zip",
+        ),
+        pytest.param(with_attachment(tgz_of({"d/e.txt": eicar()}), "e.tar.gz"), id="tgz"),
+        pytest.param(with_attachment(gzip.compress(eicar()), "e.txt.gz"), id="gz"),
+    ],
+)
+def test_eicar_found_in_decoded_content(raw: bytes) -> None:
+    symbols = scan_message(raw)
+    assert "BUILTIN_VIRUS" in names(symbols)
+    v = asyncio.run(VerdictEngine([BuiltinScanner()]).judge(scan_input(raw)))
+    assert v.action is Action.QUARANTINE
+
+
+def test_eicar_base64_not_visible_in_raw() -> None:
+    raw = with_attachment(eicar(), "e.com")
+    assert eicar() not in raw  # so the detection above really came from decoding
+    assert "BUILTIN_VIRUS" in names(scan_message(raw))
+
+
+def test_gtube_rejects_without_rspamd() -> None:
+    raw = with_attachment(gtube(), "note.txt", "text/plain")
+    assert gtube() not in raw
+    v = asyncio.run(VerdictEngine([BuiltinScanner()]).judge(scan_input(raw)))
+    assert "GTUBE" in v.symbol_names and v.action is Action.REJECT
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "expected"),
+    [
+        (PE, "report.pdf", ["ATTACH_EXECUTABLE"]),
+        (ELF, "photo.jpg", ["ATTACH_EXECUTABLE"]),
+        (b"#!/bin/sh\nrm -rf ~\n", "run.txt", ["ATTACH_EXECUTABLE"]),
+        (b"harmless", "setup.exe", ["ATTACH_DANGEROUS_NAME"]),
+        (b"harmless", "invoice.pdf.exe", ["ATTACH_DANGEROUS_NAME", "ATTACH_DOUBLE_EXT"]),
+        (b"harmless", "Invoice.PDF.js", ["ATTACH_DANGEROUS_NAME", "ATTACH_DOUBLE_EXT"]),
+        (b"harmless", "a.vbs", ["ATTACH_DANGEROUS_NAME"]),
+        (b"harmless", "x.hta", ["ATTACH_DANGEROUS_NAME"]),
+        (b"harmless", "x.lnk", ["ATTACH_DANGEROUS_NAME"]),
+        (b"PK-ish", "budget.xlsm", ["OFFICE_MACRO"]),
+        (
+            b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 100 + "_VBA_PROJECT".encode("utf-16-le"),
+            "old.doc",
+            ["OFFICE_MACRO"],
+        ),
+        (
+            zip_of({"word/document.xml": b"<w/>", "word/vbaProject.bin": b"x"}),
+            "a.docx",
+            ["OFFICE_MACRO"],
+        ),
+        (
+            zip_of({"tools/helper.exe": PE}),
+            "tools.zip",
+            ["ATTACH_DANGEROUS_NAME", "ATTACH_EXECUTABLE"],
+        ),
+        (b"%PDF-1.7 plain document", "paper.pdf", []),
+        (zip_of({"word/document.xml": b"<w/>"}), "clean.docx", []),
+    ],
+)
+def test_dangerous_attachments(data: bytes, filename: str, expected: list[str]) -> None:
+    assert names(scan_message(with_attachment(data, filename))) == expected
+
+
+def test_body_starting_with_shebang_is_not_an_attachment() -> None:
+    assert scan_message(plain("#!/bin/sh is how a script starts\n")) == []
+
+
+def test_encrypted_zip_member_flagged() -> None:
+    z = bytearray(zip_of({"secret.doc": b"hidden content"}))
+    # Set the "encrypted" flag bit in the local and central headers.
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = z.find(sig)
+        z[i + off] |= 1
+    assert "ARCHIVE_ENCRYPTED" in names(scan_message(with_attachment(bytes(z), "s.zip")))
+
+
+def test_corrupt_zip_flagged_not_crashing() -> None:
+    z = zip_of({"a.txt": b"hello world " * 100})
+    broken = z[:40] + b"\xff" * 40 + z[80:]
+    got = names(scan_message(with_attachment(broken, "b.zip")))
+    assert "ARCHIVE_CORRUPT" in got
+
+
+def test_member_count_limit() -> None:
+    z = zip_of({f"f{i}.txt": b"x" for i in range(1100)})
+    got = scan_message(with_attachment(z, "many.zip"))
+    assert "ARCHIVE_BOMB" in names(got)
+    assert "more than 1000" in next(s.detail for s in got if s.name == "ARCHIVE_BOMB")
+
+
+def test_nesting_depth_limit() -> None:
+    data = b"deep"
+    for i in range(7):
+        data = zip_of({f"l{i}.zip": data})
+    got = scan_message(with_attachment(data, "deep.zip"))
+    bomb = [s for s in got if s.name == "ARCHIVE_BOMB"]
+    assert bomb and "nested deeper" in bomb[0].detail
+    v = asyncio.run(
+        VerdictEngine([BuiltinScanner()]).judge(scan_input(with_attachment(data, "d.zip")))
+    )
+    assert v.action is Action.QUARANTINE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            b'From: a@b\r\nContent-Type: multipart/mixed; boundary="zz"\r\n\r\n'
+            b"no boundary ever\r\n",
+            id="missing-boundary",
+        ),
+        pytest.param(
+            b"From: a@b\r\nContent-Type: multipart/mixed\r\n\r\nbody\r\n",
+            id="multipart-without-boundary",
+        ),
+        pytest.param(
+            b"From: a@b\r\nContent-Type: text/plain\r\nContent-Type: text/html\r\n\r\n<b>x</b>\r\n",
+            id="duplicate-content-type",
+        ),
+        pytest.param(b"From: a@b\r\nSubject: x\0y\r\n\r\nbody\r\n", id="nul-in-header"),
+        pytest.param(
+            b"From: a@b\r\nX-Long: " + b"a" * 2000 + b"\r\n\r\nbody\r\n", id="long-header-line"
+        ),
+        pytest.param(b" continuation first\r\nFrom: a@b\r\n\r\nbody\r\n", id="continuation-first"),
+    ],
+)
+def test_malformed_mime_is_a_symbol(raw: bytes) -> None:
+    got = scan_message(raw)
+    assert "MIME_MALFORMED" in names(got), got
+
+
+def test_deep_mime_nesting_is_bounded() -> None:
+    depth = 60
+    raw = b'From: a@b\r\nContent-Type: multipart/mixed; boundary="b0"\r\n\r\n'
+    for i in range(depth):
+        raw += b'--b%d\r\nContent-Type: multipart/mixed; boundary="b%d"\r\n\r\n' % (i, i + 1)
+    raw += b"--b%d\r\nContent-Type: text/plain\r\n\r\nx\r\n" % depth
+    for i in range(depth, -1, -1):
+        raw += b"--b%d--\r\n" % i
+    got = scan_message(raw)
+    assert [s.detail for s in got if s.name == "MIME_MALFORMED"] == ["MimeNestingTooDeep(>20)"]
+
+
+def test_bad_sha256_list() -> None:
+    import hashlib
+
+    from mailwarden.scan.settings import BuiltinSettings
+
+    data = b"some specific payload"
+    s = BuiltinScanner(BuiltinSettings(bad_sha256=[hashlib.sha256(data).hexdigest()]))
+    got = asyncio.run(s.scan(scan_input(with_attachment(data, "x.bin"))))
+    assert names(got) == ["BUILTIN_VIRUS"]
