@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -141,6 +142,21 @@ def _worker_main(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]],
     return 0
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2) option: signal sent to us when the parent exits
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this worker when the supervisor dies (Linux only), so a
+    killed supervisor never leaves workers holding the listening sockets."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
     pid = os.fork()
     if pid == 0:  # child
@@ -148,6 +164,7 @@ def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]],
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
             code = _worker_main(cfg, bound, index)
         except BaseException as exc:
             print(f"mailwarden worker {index}: {exc!r}", file=sys.stderr)
@@ -156,29 +173,40 @@ def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]],
     return pid
 
 
+class _StopRequested(Exception):
+    """Raised by the supervisor's signal handler to break out of ``os.waitpid``.
+
+    Python retries an interrupted system call when the handler returns (PEP 475), so a
+    handler that only set a flag would leave the supervisor blocked in ``waitpid``.
+    """
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _StopRequested(signum)
+
+
 def _supervise(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]]) -> int:
-    stopping = False
-
-    def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    workers = {_fork_worker(cfg, bound, i): i for i in range(cfg.gateway.workers)}
-    while not stopping:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-        index = workers.pop(pid, None)
-        if index is None or stopping:
-            continue
-        emit("gateway.worker_died", worker=index, pid=pid, status=status)
-        time.sleep(WORKER_RESTART_DELAY)
-        workers[_fork_worker(cfg, bound, index)] = index
+    workers: dict[int, int] = {}
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        for i in range(cfg.gateway.workers):
+            workers[_fork_worker(cfg, bound, i)] = i
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            index = workers.pop(pid, None)
+            if index is None:
+                continue
+            emit("gateway.worker_died", worker=index, pid=pid, status=status)
+            time.sleep(WORKER_RESTART_DELAY)
+            workers[_fork_worker(cfg, bound, index)] = index
+    except _StopRequested:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for pid in workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
