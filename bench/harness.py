@@ -140,7 +140,8 @@ class LatencyProbe:
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._body = b"Subject: probe\r\n\r\n" + b"x" * 10_000 + b"\r\n"
+        # 10 KB like the load, in 76-character lines (RFC 5321 allows at most 998).
+        self._body = b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
 
     def start(self) -> None:
         self._thread.start()
@@ -173,10 +174,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages divided among the processes sharing them, so a
+    tree of forked workers (Postfix's 100 smtpd) is not counted many times over."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -184,7 +187,7 @@ def _rss_kib(pid: int) -> int:
 
 
 class RssSampler:
-    """Samples the summed resident memory of a process tree; keeps the peak (KiB)."""
+    """Samples the summed memory (PSS) of a process tree; keeps the peak (KiB)."""
 
     def __init__(self, root_pid: int, interval: float = 0.25) -> None:
         self.root_pid = root_pid
@@ -204,7 +207,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(_rss_kib(p) for p in self._tree())
+            total = sum(_pss_kib(p) for p in self._tree())
             self.peak_kib = max(self.peak_kib, total)
             self._stop.wait(self.interval)
 
