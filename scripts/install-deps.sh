@@ -10,7 +10,7 @@ set -euo pipefail
 
 PACKAGES=(
   postfix swaks dovecot-core dovecot-lmtpd clamav-daemon clamav-testfiles rspamd openssl
-  redis-server postgresql
+  redis-server postgresql slapd ldap-utils
 )
 
 missing=()
