@@ -27,6 +27,7 @@ from typing import Any
 from mailwarden import __version__
 from mailwarden.config import Config, ListenerConfig
 from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink, emit, set_sink
+from mailwarden.core.events import flush as flush_events
 from mailwarden.delivery.router import Router
 from mailwarden.policy.engine import Policy
 from mailwarden.queue.scheduler import Scheduler
@@ -138,7 +139,10 @@ def make_sink(cfg: Config) -> EventSink:
 
 def _worker_main(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
     set_sink(make_sink(cfg))
-    _run_loop(lambda: _serve_worker(cfg, bound, index))
+    try:
+        _run_loop(lambda: _serve_worker(cfg, bound, index))
+    finally:
+        flush_events()
     return 0
 
 

@@ -51,3 +51,56 @@ def test_emit_goes_to_the_current_sink_and_never_raises() -> None:
         events.emit("still.fine")  # must not raise
     finally:
         events.set_sink(old)
+
+
+def test_sink_batches_within_one_loop_iteration(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(str(path))
+
+    async def main() -> tuple[int, int]:
+        for i in range(3):
+            sink.write(Event("e", {"i": i}))
+        before = len(path.read_text().splitlines())  # still pending in the buffer
+        await asyncio.sleep(0)  # the loop runs the scheduled flush
+        await asyncio.sleep(0)
+        return before, len(path.read_text().splitlines())
+
+    before, after = asyncio.run(main())
+    assert (before, after) == (0, 3)
+    sink.close()
+
+
+def test_sink_writes_at_once_outside_a_loop_and_past_the_byte_limit(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(str(path))
+    sink.write(Event("no.loop"))
+    assert len(path.read_text().splitlines()) == 1
+
+    async def main() -> int:
+        big = "x" * (events.MAX_FIELD - 10)
+        n = events.FLUSH_BYTES // len(big) + 2
+        for _ in range(n):
+            sink.write(Event("big", {"v": big}))
+        return len(path.read_text().splitlines())  # no await: only the size forced a write
+
+    assert asyncio.run(main()) > 1
+    sink.close()
+    assert all(json.loads(x) for x in path.read_text().splitlines())
+
+
+def test_close_writes_what_is_pending(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(str(path))
+
+    async def main() -> None:
+        sink.write(Event("pending"))
+        sink.close()
+
+    asyncio.run(main())
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["pending"]
