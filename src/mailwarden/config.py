@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from mailwarden.errors import ConfigError
+from mailwarden.policy.settings import PolicySettings
+from mailwarden.store.settings import DatabaseSettings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -278,6 +280,8 @@ class Config(_Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     dns: DNSConfig = Field(default_factory=DNSConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -1,7 +1,7 @@
 """The error tree of mailwarden. Every error carries a sentence an operator can act on.
 
 Public names: ``MailwardenError``, ``ConfigError``, ``QueueError``, ``SpoolCorrupt``,
-``DeliveryError``, ``AddressError``.
+``DeliveryError``, ``AddressError``, ``StoreError``.
 Security: messages may quote untrusted input; callers print them escaped (``repr``).
 """
 
@@ -42,3 +42,7 @@ class DeliveryError(MailwardenError):
 
 class AddressError(MailwardenError):
     """An e-mail address is syntactically invalid or carries forbidden characters."""
+
+
+class StoreError(MailwardenError):
+    """The database cannot be opened, or a store operation was refused (bad input)."""
