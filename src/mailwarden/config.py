@@ -5,7 +5,8 @@
 problem is reported as ``FILE:LINE: key: message``; unknown keys are errors.
 
 Public names: ``Config`` and its sections, ``TransportSpec``, ``parse_duration``,
-``load_config``, ``default_config``, ``check_config``.
+``load_config``, ``default_config``, ``check_config`` (``ScanSettings``, the ``[scan]`` section,
+lives in ``scan.settings``).
 Security: reads an operator-supplied file (trusted for content, but parsed strictly so that a
 typo is an error, never a silently ignored safety setting).
 """
@@ -22,7 +23,6 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,30 +30,12 @@ from pydantic import (
     model_validator,
 )
 
+from mailwarden.core.durations import Duration
+from mailwarden.core.durations import parse_duration as parse_duration  # re-exported
 from mailwarden.errors import ConfigError
 from mailwarden.policy.settings import PolicySettings
+from mailwarden.scan.settings import ScanSettings
 from mailwarden.store.settings import DatabaseSettings
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any) -> float:
-    """``"5d"``, ``"4h"``, ``"30m"``, ``"10s"`` or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '4h'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '30s', '5m', '4h', '5d')")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
 
@@ -254,6 +236,15 @@ class DNSConfig(_Section):
         return v
 
 
+class QuarantineConfig(_Section):
+    """[quarantine]: how long held messages are kept (under state_dir/quarantine)."""
+
+    virus_retention: Duration = 30 * 86400.0  # virus and other malware verdicts
+    spam_retention: Duration = 7 * 86400.0  # spam, bombs, everything else held
+    expire_interval: Duration = 3600.0  # how often a running gateway removes expired entries
+    show_text_limit: int = Field(default=8192, ge=256, le=1_048_576)  # chars per text part
+
+
 class EventsConfig(_Section):
     """[events]: where structured events go. Empty: state_dir/log/events.jsonl."""
 
@@ -282,6 +273,8 @@ class Config(_Section):
     events: EventsConfig = Field(default_factory=EventsConfig)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    scan: ScanSettings = Field(default_factory=ScanSettings)
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -311,6 +304,10 @@ class Config(_Section):
     @property
     def mail_path(self) -> Path:
         return self.state_path / "mail"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.state_path / "quarantine"
 
     @property
     def events_path(self) -> Path:

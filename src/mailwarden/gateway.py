@@ -30,8 +30,11 @@ from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink
 from mailwarden.core.events import flush as flush_events
 from mailwarden.delivery.router import Router
 from mailwarden.policy.engine import Policy
+from mailwarden.quarantine.store import Quarantine
 from mailwarden.queue.scheduler import Scheduler
 from mailwarden.queue.spool import Spool
+from mailwarden.scan.factory import build_engine, scanner_labels, scanning_notice
+from mailwarden.smtp.content import ContentFilter
 from mailwarden.smtp.server import SmtpServer
 from mailwarden.smtp.tls import ensure_certificate, server_context
 
@@ -87,6 +90,11 @@ def describe(cfg: Config) -> str:
         lines.append(f"  delivery   {domain} -> {where}")
     others = f"smarthost {cfg.delivery.smarthost}" if cfg.delivery.smarthost else "MX lookup"
     lines.append(f"  delivery   other domains -> {others} (relaying needs policy, see docs)")
+    lines.append(f"  scanning   {', '.join(scanner_labels(cfg.scan)) or '(none)'}")
+    notice = scanning_notice(cfg.scan)
+    if notice:
+        lines.append(f"  WARNING    {notice}")
+    lines.append(f"  quarantine {cfg.quarantine_path}/")
     lines.append(f"  state      spool {cfg.spool_path}/, events {cfg.events_path}")
     lines.append(f"  workers    {cfg.gateway.workers}")
     return "\n".join(lines)
@@ -106,7 +114,13 @@ async def _serve_worker(
     policy = Policy(cfg)
     needs_tls = any(li.tls != "none" for li in cfg.listener)
     ctx = server_context(cfg) if needs_tls else None
-    servers = [SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy) for li, _ in bound]
+    quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
+    content = ContentFilter(build_engine(cfg.scan), quarantine, cfg.gateway.hostname)
+    servers = [
+        SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy, content_filter=content)
+        for li, _ in bound
+    ]
+    expiry = asyncio.create_task(quarantine.maintain(cfg.quarantine.expire_interval))
     await scheduler.start()
     for server, (_, sock) in zip(servers, bound, strict=True):
         await server.start(sock)
@@ -116,6 +130,9 @@ async def _serve_worker(
     await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
     await scheduler.stop()
     await router.close()
+    expiry.cancel()
+    await content.close()
+    quarantine.close()
     emit("gateway.worker_stopped", worker=index, pid=os.getpid())
 
 

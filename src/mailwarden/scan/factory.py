@@ -6,7 +6,8 @@ disabled. ``build_engine(settings)`` wraps them in a ``VerdictEngine``.
 ``scanning_notice(settings)`` is the line for ``mailwarden status`` and the startup banner
 when virus scanning is limited to the built-in signatures (``None`` when ClamAV is on).
 
-Public names: ``build_scanners``, ``build_engine``, ``scanning_notice``, ``LIMITED_NOTICE``.
+Public names: ``build_scanners``, ``build_engine``, ``scanner_labels``, ``scanning_notice``,
+``LIMITED_NOTICE``.
 Security: reads trusted settings only.
 """
 
@@ -36,6 +37,18 @@ def build_scanners(settings: ScanSettings) -> list[Scanner]:
 def build_engine(settings: ScanSettings | None = None) -> VerdictEngine:
     settings = settings or ScanSettings()
     return VerdictEngine(build_scanners(settings), settings)
+
+
+def scanner_labels(settings: ScanSettings) -> list[str]:
+    """One label per configured scanner, for the banner and ``mailwarden status``."""
+    labels = []
+    if settings.clamav.socket:
+        labels.append(f"clamav ({settings.clamav.socket})")
+    if settings.rspamd.url:
+        labels.append(f"rspamd ({settings.rspamd.url})")
+    if settings.builtin.enabled:
+        labels.append("built-in (EICAR/GTUBE, attachments, archives, MIME)")
+    return labels
 
 
 def scanning_notice(settings: ScanSettings) -> str | None:

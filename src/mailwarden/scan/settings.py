@@ -33,7 +33,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mailwarden.config import Duration
+from mailwarden.core.durations import Duration
 
 _SYMBOL_NAME = re.compile(r"^[A-Z0-9_]{1,64}$")
 

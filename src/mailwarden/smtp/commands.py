@@ -22,7 +22,6 @@ from mailwarden.core.events import emit
 from mailwarden.core.types import (
     Action,
     Decision,
-    Direction,
     Envelope,
     EnvelopeSnapshot,
     new_queue_id,
@@ -41,6 +40,7 @@ from mailwarden.smtp.limits import FORBIDDEN_VERBS, MAX_HELO
 from mailwarden.smtp.message import data_problem, unstuff
 
 if TYPE_CHECKING:
+    from mailwarden.smtp.content import Outcome
     from mailwarden.smtp.protocol import SmtpProtocol
 
 _OK = b"250 2.0.0 Ok\r\n"
@@ -333,7 +333,7 @@ def _after_data_check(
         received_at=now,
         client_ip=s.peer_ip,
         client_helo=s.helo or "",
-        direction=Direction.INBOUND,
+        direction=env.direction,
         message_id=message_id,
         size=len(data),
         smtputf8=env.smtputf8,
@@ -341,11 +341,37 @@ def _after_data_check(
         auth_user=s.auth_user,
         session_id=s.session_id,
     )
+    content = p.srv.content_filter
+    if content is not None:  # issue 4: every message passes the verdict engine first
+        top, hdr_end = len(received), len(received) + end + len(added or b"")
+        coro = content.process(p.srv.sink, snapshot, data, top, hdr_end)
+        p.run(coro, partial(_after_content, p, snapshot), None)
+        return
     p.run(p.srv.sink.enqueue(snapshot, data), partial(_after_enqueue, p, snapshot), None)
 
 
+def _after_content(
+    p: SmtpProtocol, snap: EnvelopeSnapshot, outcome: Outcome | None, error: BaseException | None
+) -> None:
+    if error is not None or outcome is None:
+        _after_enqueue(p, snap, None, error or RuntimeError("no outcome"))
+    elif not outcome.stored:
+        control = outcome.control.value if outcome.control else None
+        p.refuse("DATA", outcome.code, outcome.enhanced, outcome.text, control=control)
+    else:
+        line = f"{outcome.code} {outcome.enhanced} {outcome.text}"
+        verdict = outcome.verdict.action.value if outcome.verdict else None
+        _after_enqueue(p, outcome.snapshot, None, None, reply=line, verdict=verdict)
+
+
 def _after_enqueue(
-    p: SmtpProtocol, snap: EnvelopeSnapshot, result: Any, error: BaseException | None
+    p: SmtpProtocol,
+    snap: EnvelopeSnapshot,
+    result: Any,
+    error: BaseException | None,
+    *,
+    reply: str | None = None,
+    verdict: str | None = None,
 ) -> None:
     s = p.session
     if error is not None:
@@ -360,7 +386,7 @@ def _after_enqueue(
         return
     s.transactions += 1
     p.accepted += 1
-    p.raw_reply(f"250 2.0.0 Ok: queued as {snap.queue_id}\r\n".encode("ascii"))
+    p.raw_reply(f"{reply or f'250 2.0.0 Ok: queued as {snap.queue_id}'}\r\n".encode("ascii"))
     emit(
         "smtp.accept",
         session=s.session_id,
@@ -372,6 +398,7 @@ def _after_enqueue(
         recipients=list(snap.recipients),
         size=snap.size,
         tls=s.tls.version if s.tls else None,
+        verdict=verdict,
     )
 
 

@@ -19,7 +19,7 @@ import contextlib
 import socket
 import ssl
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailwarden.config import Config, ListenerConfig
 from mailwarden.core.types import EnvelopeSnapshot
@@ -30,6 +30,9 @@ from mailwarden.smtp.limits import (
     TLS_HANDSHAKE_TIMEOUT,
 )
 from mailwarden.smtp.protocol import SmtpProtocol
+
+if TYPE_CHECKING:
+    from mailwarden.smtp.content import ContentFilter
 
 LISTEN_BACKLOG = 1024  # pending connections the kernel queues for a listener we bind
 SHUTDOWN_POLL = 0.02  # seconds between checks that every session has closed
@@ -55,6 +58,7 @@ class SmtpServer:
         ssl_context: ssl.SSLContext | None,
         sink: MessageSink,
         policy: Policy,
+        content_filter: ContentFilter | None = None,
     ) -> None:
         if listener.tls != "none" and ssl_context is None:
             raise ValueError(f"listener {listener.name!r} uses TLS but no SSL context given")
@@ -63,6 +67,7 @@ class SmtpServer:
         self.ssl_context = ssl_context
         self.sink = sink
         self.policy = policy
+        self.content_filter = content_filter  # issue 4: the verdict engine before 250
         self.hostname = cfg.gateway.hostname
         self.greeting = f"220 {self.hostname} ESMTP mailwarden\r\n".encode()
         self.sessions: set[SmtpProtocol] = set()
