@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailwarden.auth.settings import AuthSettings
 from mailwarden.core.durations import Duration
 from mailwarden.core.durations import parse_duration as parse_duration  # re-exported
 from mailwarden.errors import ConfigError
@@ -273,6 +274,7 @@ class Config(_Section):
     events: EventsConfig = Field(default_factory=EventsConfig)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)  # SMTP AUTH (auth.settings)
     scan: ScanSettings = Field(default_factory=ScanSettings)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
 

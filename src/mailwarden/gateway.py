@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mailwarden import __version__
+from mailwarden.auth.service import build_auth_service
 from mailwarden.config import Config, ListenerConfig
 from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink, emit, set_sink
 from mailwarden.core.events import flush as flush_events
@@ -116,8 +117,12 @@ async def _serve_worker(
     ctx = server_context(cfg) if needs_tls else None
     quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
     content = ContentFilter(build_engine(cfg.scan), quarantine, cfg.gateway.hostname)
+    # SMTP AUTH (SU-8) for the submission listeners; one service (and counters) per worker.
+    auth = build_auth_service(cfg) if any(li.submission for li in cfg.listener) else None
     servers = [
-        SmtpServer(cfg, li, ssl_context=ctx, sink=spool, policy=policy, content_filter=content)
+        SmtpServer(
+            cfg, li, ssl_context=ctx, sink=spool, policy=policy, content_filter=content, auth=auth
+        )
         for li, _ in bound
     ]
     expiry = asyncio.create_task(quarantine.maintain(cfg.quarantine.expire_interval))
@@ -133,6 +138,8 @@ async def _serve_worker(
     expiry.cancel()
     await content.close()
     quarantine.close()
+    if auth is not None:
+        auth.close()
     emit("gateway.worker_stopped", worker=index, pid=os.getpid())
 
 

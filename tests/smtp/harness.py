@@ -73,6 +73,9 @@ class Running:
         tls: str = "none",
         sink: RecordingSink | None = None,
         policy: Policy | None = None,
+        *,
+        submission: bool = False,
+        auth: Any = None,
     ) -> None:
         self.cfg = cfg
         self.sink = sink or RecordingSink()
@@ -84,7 +87,13 @@ class Running:
             from mailwarden.smtp.tls import server_context
 
             self.ssl_context = server_context(cfg)
-        listener = ListenerConfig(name="test", address=LOOPBACK, port=2525, tls=tls)  # type: ignore[arg-type]
+        listener = ListenerConfig(
+            name="test",
+            address=LOOPBACK,
+            port=2525,
+            tls=tls,  # type: ignore[arg-type]
+            submission=submission,
+        )
         self.loop = new_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -94,6 +103,7 @@ class Running:
             ssl_context=self.ssl_context,
             sink=self.sink,
             policy=policy or Policy(cfg),
+            auth=auth,
         )
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind((LOOPBACK, 0))

@@ -109,6 +109,7 @@ class Session:
     auth_user: str | None = None
     reverse_name: str | None = None
     invalid_recipients: int = 0
+    auth_failures: int = 0  # failed AUTH commands in this session (smtp.auth)
     transactions: int = 0
 
 

@@ -28,6 +28,7 @@ from mailwarden.core.types import (
 )
 from mailwarden.errors import AddressError
 from mailwarden.smtp.address import NonAsciiAddress, parse_params, parse_path
+from mailwarden.smtp.auth import auth_command
 from mailwarden.smtp.headers import (
     HeaderTooLarge,
     add_headers,
@@ -416,8 +417,11 @@ HANDLERS: dict[str, Callable[[SmtpProtocol, str], None]] = {
     "VRFY": _vrfy,
     "EXPN": _expn,
     "STARTTLS": _starttls,
+    "AUTH": auth_command,  # smtp.auth (RFC 4954; submission listeners, inside TLS only)
 }
-_LONG_OK = frozenset({"MAIL", "RCPT"})  # may use the ESMTP parameter allowance
+# May exceed 512 octets: MAIL/RCPT by the ESMTP parameter allowance, AUTH up to
+# MAX_AUTH_LINE (smtp.protocol enforces both bounds).
+_LONG_OK = frozenset({"MAIL", "RCPT", "AUTH"})
 
 
 def dispatch(p: SmtpProtocol, line: bytes, long_line: bool) -> None:

@@ -37,5 +37,8 @@ MAX_PENDING_INPUT = 256 * 1024
 MAX_SWEEP_INTERVAL = 5.0
 # Lower bound of that interval (tests set tiny timeouts; never busy-loop).
 MIN_SWEEP_INTERVAL = 0.05
+# RFC 4954 4: an AUTH command line and each AUTH continuation line is at most 12288
+# octets including the CRLF (a base64 SASL response is longer than a command line).
+MAX_AUTH_LINE = 12288
 # Verbs that show a web client or proxy speaking to the SMTP port: disconnect at once.
 FORBIDDEN_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "USER"})

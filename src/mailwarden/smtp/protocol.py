@@ -10,7 +10,8 @@ Command handlers live in ``smtp.commands``.
 Public names: ``SmtpProtocol``.
 Security: every byte comes from an untrusted peer. Bare CR or LF in a command line gets
 ``500 5.5.2`` and the connection is closed; NUL is refused; lines are bounded
-(``smtp.limits``); bytes pipelined behind STARTTLS are discarded before the handshake and
+(``smtp.limits``; AUTH lines by ``MAX_AUTH_LINE``, on submission listeners only); bytes
+pipelined behind STARTTLS are discarded before the handshake and
 the session state is reset after it (RFC 3207 4.2). Message bodies are never logged.
 """
 
@@ -26,6 +27,7 @@ from mailwarden.core.types import Action, Decision, Envelope, Session
 from mailwarden.smtp import commands
 from mailwarden.smtp.aio import Pending, run_eager
 from mailwarden.smtp.limits import (
+    MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
     MAX_ESMTP_COMMAND_LINE,
     MAX_PENDING_INPUT,
@@ -73,6 +75,8 @@ class SmtpProtocol(asyncio.Protocol):
         self._paused = False
         self._out: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
+        # Set by smtp.auth while an AUTH exchange waits for a continuation line.
+        self.line_handler: Callable[[bytes], None] | None = None
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -204,8 +208,9 @@ class SmtpProtocol(asyncio.Protocol):
                 continue
             idx = buf.find(b"\n", pos)
             if idx < 0:
-                if len(buf) - pos > MAX_ESMTP_COMMAND_LINE:
-                    self._protocol_error("line too long", 500, "5.5.2", "Error: line too long")
+                pending = len(buf) - pos
+                if pending > MAX_ESMTP_COMMAND_LINE and pending > self._line_limit(buf, pos):
+                    self._line_too_long()
                     self._skip_line = True
                     pos = len(buf)
                 break
@@ -218,14 +223,18 @@ class SmtpProtocol(asyncio.Protocol):
                 self._close_after = True
                 break
             line = bytes(memoryview(buf)[start : idx - 1])
-            if len(line) + 2 > MAX_ESMTP_COMMAND_LINE:
-                self._protocol_error("line too long", 500, "5.5.2", "Error: line too long")
+            size = len(line) + 2
+            if size > MAX_ESMTP_COMMAND_LINE and size > self._line_limit(buf, start):
+                self._line_too_long()
             elif b"\r" in line:
                 self._protocol_error("bare CR", 500, "5.5.2", "Error: bare <CR> received")
                 self._close_after = True
                 break
             elif b"\x00" in line:
                 self._protocol_error("NUL", 500, "5.5.2", "Error: NUL character received")
+            elif self.line_handler is not None:  # an AUTH continuation line
+                handler, self.line_handler = self.line_handler, None
+                handler(line)
             else:
                 self.commands += 1
                 commands.dispatch(self, line, len(line) + 2 > MAX_COMMAND_LINE)
@@ -245,6 +254,22 @@ class SmtpProtocol(asyncio.Protocol):
         if not self.busy:
             self._resume()
         self.flush()
+
+    def _line_limit(self, buf: bytearray, start: int) -> int:
+        """Longest line allowed at ``start``: AUTH lines get RFC 4954's limit."""
+        if self.line_handler is not None or (
+            self.srv.listener.submission and buf[start : start + 5].upper() == b"AUTH "
+        ):
+            return MAX_AUTH_LINE
+        return MAX_ESMTP_COMMAND_LINE
+
+    def _line_too_long(self) -> None:
+        if self.line_handler is not None:  # RFC 4954 4: the exchange fails
+            self._protocol_error(
+                "AUTH line too long", 500, "5.5.6", "Authentication Exchange line is too long"
+            )
+        else:
+            self._protocol_error("line too long", 500, "5.5.2", "Error: line too long")
 
     def _resume(self) -> None:
         if self._paused and self.transport is not None and not self.busy and not self.closed:
@@ -302,6 +327,7 @@ class SmtpProtocol(asyncio.Protocol):
         )
 
     def _protocol_error(self, error: str, code: int, enhanced: str, text: str) -> None:
+        self.line_handler = None  # a framing error ends an AUTH exchange
         self.reply(code, enhanced, text)
         emit(
             "smtp.protocol_error",

@@ -32,6 +32,7 @@ from mailwarden.smtp.limits import (
 from mailwarden.smtp.protocol import SmtpProtocol
 
 if TYPE_CHECKING:
+    from mailwarden.auth.service import AuthService
     from mailwarden.smtp.content import ContentFilter
 
 LISTEN_BACKLOG = 1024  # pending connections the kernel queues for a listener we bind
@@ -59,6 +60,7 @@ class SmtpServer:
         sink: MessageSink,
         policy: Policy,
         content_filter: ContentFilter | None = None,
+        auth: AuthService | None = None,
     ) -> None:
         if listener.tls != "none" and ssl_context is None:
             raise ValueError(f"listener {listener.name!r} uses TLS but no SSL context given")
@@ -68,6 +70,8 @@ class SmtpServer:
         self.sink = sink
         self.policy = policy
         self.content_filter = content_filter  # issue 4: the verdict engine before 250
+        # SMTP AUTH (smtp.auth): only on submission listeners, only inside TLS (SU-8).
+        self.auth = auth if listener.submission else None
         self.hostname = cfg.gateway.hostname
         self.greeting = f"220 {self.hostname} ESMTP mailwarden\r\n".encode()
         self.sessions: set[SmtpProtocol] = set()
@@ -88,6 +92,8 @@ class SmtpServer:
         ]
         if self.listener.tls == "starttls" and not tls_active and self.ssl_context is not None:
             lines.append("STARTTLS")
+        if tls_active and self.auth is not None:  # SU-8: never offered before TLS
+            lines.append("AUTH " + " ".join(self.auth.mechanisms))
         lines.append("HELP")
         last = len(lines) - 1
         return "".join(
