@@ -38,6 +38,7 @@ from mailwarden.scan.factory import build_engine, scanner_labels, scanning_notic
 from mailwarden.smtp.content import ContentFilter
 from mailwarden.smtp.server import SmtpServer
 from mailwarden.smtp.tls import ensure_certificate, server_context
+from mailwarden.store import open_store
 
 LISTEN_BACKLOG = 1024  # pending connections per listener before the kernel refuses
 WORKER_RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
@@ -113,6 +114,7 @@ async def _serve_worker(
     router = Router(cfg)
     scheduler = Scheduler(cfg, spool, router)
     policy = Policy(cfg)
+    await policy.start()  # data store: registered senders, blocks, users
     needs_tls = any(li.tls != "none" for li in cfg.listener)
     ctx = server_context(cfg) if needs_tls else None
     quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
@@ -134,6 +136,7 @@ async def _serve_worker(
     emit("gateway.worker_stopping", worker=index, pid=os.getpid())
     await asyncio.gather(*(s.shutdown() for s in servers), return_exceptions=True)
     await scheduler.stop()
+    await policy.close()
     await router.close()
     expiry.cancel()
     await content.close()
@@ -259,6 +262,9 @@ def prepare(cfg: Config) -> list[str]:
     notes = []
     for path in (cfg.state_path, cfg.spool_path, cfg.mail_path, cfg.events_path.parent):
         path.mkdir(parents=True, exist_ok=True)
+    db = open_store(cfg)  # create the schema once, before workers start; fail early
+    notes.append(f"  database   {db.label}")
+    db.close()
     if any(li.tls != "none" for li in cfg.listener):
         if ensure_certificate(cfg.cert_path, cfg.key_path, cfg.gateway.hostname):
             notes.append(f"  tls        generated a self-signed certificate: {cfg.cert_path}")

@@ -12,21 +12,10 @@ import pytest
 from mailwarden.core.types import Action, Decision
 from mailwarden.policy.engine import POLICY_ERROR, Policy
 from mailwarden.policy.rules import CheckContext, Stage
+from tests.policy.table import Case, read_cases, run_case
 from tests.smtp.harness import RawClient, Running, make_config
 
-CASES = Path(__file__).with_name("cases.txt")
-
-
-def _cases() -> list[tuple[int, str, str, str, str, str]]:
-    out = []
-    for no, line in enumerate(CASES.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        left, _, expected = line.partition("->")
-        fields = left.split()
-        assert len(fields) == 4 and expected.strip(), f"cases.txt:{no}: malformed case"
-        out.append((no, *fields, expected.strip()))
-    return out
+CASES = read_cases(Path(__file__).with_name("cases.txt"))
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +25,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     running.stop()
 
 
-@pytest.mark.parametrize(("no", "client", "helo", "mail", "rcpt", "expected"), _cases())
-def test_case(
-    server: Running, no: int, client: str, helo: str, mail: str, rcpt: str, expected: str
-) -> None:
-    c = RawClient(server.port, source=client)
-    try:
-        last = c.cmd(f"EHLO {helo}")
-        for command in (f"MAIL FROM:{mail}", f"RCPT TO:{rcpt}"):
-            if not last.startswith("2"):
-                break
-            last = c.cmd(command)
-        last = last.splitlines()[-1]
-        assert last.startswith(expected), f"cases.txt:{no}: got {last!r}"
-    finally:
-        c.close()
+@pytest.mark.parametrize("case", CASES, ids=[c.where for c in CASES])
+def test_case(server: Running, case: Case) -> None:
+    got = run_case(server.port, case)
+    assert got.startswith(case.expected), f"{case.where}: got {got!r}"
 
 
 def _boom(ctx: CheckContext) -> Decision:

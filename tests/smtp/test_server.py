@@ -117,7 +117,7 @@ def test_empty_message(serve: Serve) -> None:
 
 def test_pipelining_in_one_write(serve: Serve) -> None:
     srv = serve()
-    c = RawClient(srv.port)
+    c = RawClient(srv.port, source="127.0.0.66")  # off campus: relaying refused
     c.send(
         b"EHLO client.example\r\nMAIL FROM:<a@sender.example>\r\n"
         b"RCPT TO:<u@example.edu>\r\nRCPT TO:<nobody@elsewhere.example>\r\n"

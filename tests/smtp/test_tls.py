@@ -163,6 +163,8 @@ def test_swaks_relay_refused(serve: Serve) -> None:
             "x@elsewhere.example",
             "--from",
             "sender@client.example",
+            "--local-interface",
+            "127.0.0.66",  # off campus (127.0.0.1 is the default registered server)
             "--timeout",
             "10",
         ],

@@ -3,9 +3,16 @@
 The first rule that does not answer CONTINUE decides; if none does, ``rules.FALLBACK``
 does (recipients: refused). A rule that raises, returns something that is not a
 ``Decision``, or takes longer than ``timeout`` seconds gives TEMPFAIL (451 4.3.0), never an
-accept (fail closed).
+accept (fail closed). Every decision is a ``policy.decision`` event (stage, action, reply,
+control; ``[policy] decision_events = "refusals"`` keeps only the non-accepts).
 
-Public names: ``Policy``, ``POLICY_ERROR``.
+The default table is issue 3's (``policy.relay.RelayRules`` over a ``PolicyState``):
+blocks and connection rate at connect, sender-login check at MAIL, relay control,
+recipient directories and the harvest defence at RCPT, outbound quotas at end of DATA.
+``await policy.start()`` connects the data store (registered senders, blocks, users);
+without it the policy runs on the configuration alone.
+
+Public names: ``Policy``, ``POLICY_ERROR``, ``default_rules``.
 Security: evaluates untrusted client data through the rules; errors are logged as events
 without the data that caused them.
 """
@@ -19,12 +26,28 @@ from collections.abc import Mapping, Sequence
 from mailwarden.config import Config
 from mailwarden.core.events import emit
 from mailwarden.core.types import Action, Decision, Envelope, Session
-from mailwarden.policy.rules import DEFAULT_RULES, FALLBACK, CheckContext, Rule, Stage
+from mailwarden.policy.relay import RelayRules
+from mailwarden.policy.rules import FALLBACK, CheckContext, Rule, Stage
+from mailwarden.policy.state import PolicyState
+from mailwarden.smtp.reply import reply_for
 
 RULE_TIMEOUT = 20.0  # seconds one awaitable rule may take before the check tempfails
 POLICY_ERROR = Decision(
     Action.TEMPFAIL, "Temporary policy failure, try again later", code=451, enhanced="4.3.0"
 )
+MAX_REPLY_CACHE = 4096  # rendered replies remembered per decision
+_QUIET = (Action.ACCEPT, Action.CONTINUE)
+
+
+def default_rules(state: PolicyState) -> dict[Stage, tuple[Rule, ...]]:
+    relay = RelayRules(state)
+    return {
+        Stage.CONNECT: (relay.connect,),
+        Stage.HELO: (),
+        Stage.MAIL: (relay.mail,),
+        Stage.RCPT: (relay.rcpt,),
+        Stage.DATA: (relay.data,),
+    }
 
 
 class Policy:
@@ -36,13 +59,24 @@ class Policy:
         rules: Mapping[Stage, Sequence[Rule]] | None = None,
         *,
         timeout: float = RULE_TIMEOUT,
+        state: PolicyState | None = None,
     ) -> None:
         self.cfg = cfg
-        table = dict(DEFAULT_RULES)
+        self.state = state or PolicyState(cfg)
+        table = default_rules(self.state)
         if rules is not None:
             table.update({stage: tuple(r) for stage, r in rules.items()})
         self.rules: dict[Stage, tuple[Rule, ...]] = {s: tuple(r) for s, r in table.items()}
         self.timeout = timeout
+        self.all_events = cfg.policy.decision_events == "all"
+        self._replies: dict[Decision, str] = {}
+
+    async def start(self) -> None:
+        """Connect the data store and load its caches (registered senders, blocks, users)."""
+        await self.state.start()
+
+    async def close(self) -> None:
+        await self.state.close()
 
     async def check_connect(self, session: Session) -> Decision:
         return await self._run(Stage.CONNECT, session, None, session.peer_ip)
@@ -63,13 +97,26 @@ class Policy:
     async def _run(
         self, stage: Stage, session: Session, envelope: Envelope | None, value: str | bytes
     ) -> Decision:
+        decision = await self._decide(stage, session, envelope, value)
+        if self.all_events or decision.action not in _QUIET:
+            self._event(stage, session, value, decision)
+        return decision
+
+    async def _decide(
+        self, stage: Stage, session: Session, envelope: Envelope | None, value: str | bytes
+    ) -> Decision:
         ctx = CheckContext(self.cfg, stage, session, envelope, value)
         for rule in self.rules.get(stage, ()):
             try:
                 result = rule(ctx)
                 if inspect.isawaitable(result):
-                    async with asyncio.timeout(self.timeout):
+                    if asyncio.current_task() is None:
+                        # Run eagerly by the SMTP edge (smtp.aio): no task to time out
+                        # here; the edge bounds the whole check (smtp.limits.POLICY_TIMEOUT).
                         result = await result
+                    else:
+                        async with asyncio.timeout(self.timeout):
+                            result = await result
             except Exception as exc:
                 emit(
                     "policy.error",
@@ -91,3 +138,23 @@ class Policy:
             if result.action is not Action.CONTINUE:
                 return result
         return FALLBACK[stage]
+
+    def _event(self, stage: Stage, session: Session, value: str | bytes, d: Decision) -> None:
+        reply = self._replies.get(d)
+        if reply is None:
+            code, enhanced, text = reply_for(d)
+            reply = f"{code} {enhanced} {text}"
+            if len(self._replies) >= MAX_REPLY_CACHE:
+                self._replies.clear()
+            self._replies[d] = reply
+        emit(
+            "policy.decision",
+            session=session.session_id,
+            client=session.peer_ip,
+            stage=stage.value,
+            action=d.action.value,
+            reply=reply,
+            control=d.control,
+            sender=value if stage is Stage.MAIL else None,
+            recipient=value if stage is Stage.RCPT else None,
+        )

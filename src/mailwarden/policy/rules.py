@@ -5,6 +5,8 @@ opinion, ask the next rule". A rule may also return an awaitable of a ``Decision
 lookups that wait on I/O). ``DEFAULT_RULES`` maps each stage to its rule list and
 ``FALLBACK`` gives the decision when every rule said CONTINUE: a recipient no rule accepted
 is refused (relay access denied, SU-6); the other stages default to accept.
+``DEFAULT_RULES`` is the minimal table (hosted domains only); ``Policy`` runs the full one
+from ``policy.relay`` (``policy.engine.default_rules``).
 
 Public names: ``Stage``, ``CheckContext``, ``Rule``, ``RELAY_DENIED``, ``DEFAULT_RULES``,
 ``FALLBACK``, and the rule functions.

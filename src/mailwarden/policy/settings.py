@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mailwarden.core.durations import Duration
 
-DirectoryKind = Literal["accept", "static", "database", "callout", "ldap"]
+DirectoryKind = Literal["accept", "static", "database", "callout"]
 
 
 def _network(text: str) -> str:
@@ -64,12 +64,15 @@ class PolicySettings(BaseModel):
     harvest_soft_limit: int = Field(default=5, ge=0)  # invalid RCPTs before the tarpit
     harvest_hard_limit: int = Field(default=15, ge=1)  # invalid RCPTs before 421 + close
     tarpit_delay: Duration = 1.0  # first delay; each further invalid RCPT adds this much
-    tarpit_max: Duration = 20.0
+    tarpit_max: Duration = Field(default=15.0, le=15.0)  # below the policy check timeout
     harvest_threshold: int = Field(default=30, ge=1)  # invalid RCPTs per client per window
     harvest_window: Duration = 3600.0
     block_duration: Duration = 3600.0
     block_reply: Literal["421", "554"] = "554"
     honeypots: list[str] = Field(default_factory=list)  # any RCPT to these blocks at once
+
+    # -- events: "all" = one policy.decision per check; "refusals" = only non-accepts --
+    decision_events: Literal["all", "refusals"] = "all"
 
     # -- counters shared by harvest defence and rate limits --
     counters: Literal["memory", "redis"] = "memory"

@@ -1,0 +1,145 @@
+"""The policy's shared state: client classifier, caches of the database, counters.
+
+``PolicyState(cfg)`` works without a database (config senders, in-memory blocks: what the
+in-process test harness uses). ``await state.start()`` opens the data store
+(``store.open``), loads registered senders, blocks and the sender-login map into memory,
+and starts a task that re-reads them every ``registry_refresh`` seconds when the
+database's change serials moved (``mailwarden senders add`` in another process shows up
+within that time). New blocks are written to the database on its thread pool; the event
+loop never waits on the database or (with the memory backend) on counters.
+
+Public names: ``PolicyState``.
+Security: loads operator data; a registered sender outside the campus networks (SU-3) is
+ignored with a ``policy.config_error`` event instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from mailwarden.core.controls import Control
+from mailwarden.core.events import emit
+from mailwarden.policy.clients import Classifier, SenderRegistry, config_senders
+from mailwarden.policy.counters import CounterStore, make_counters
+from mailwarden.policy.harvest import BlockList, HarvestGuard
+from mailwarden.policy.networks import campus_networks
+from mailwarden.policy.ratelimit import RateLimiter
+from mailwarden.policy.recipients import RecipientValidator
+from mailwarden.store.blocks import active_blocks, add_block
+from mailwarden.store.schema import BLOCKS_SERIAL, SENDERS_SERIAL, USERS_SERIAL, meta
+from mailwarden.store.senders import RegisteredSender, list_senders
+from mailwarden.store.users import sender_login_map
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config
+    from mailwarden.store.db import Store
+
+
+class PolicyState:
+    def __init__(self, cfg: Config, counters: CounterStore | None = None) -> None:
+        self.cfg = cfg
+        self.campus = campus_networks(cfg)
+        self.registry = SenderRegistry(config_senders(cfg))
+        self.classifier = Classifier(self.campus, self.registry)
+        self.counters = counters or make_counters(cfg)
+        self.blocks = BlockList()
+        self.harvest = HarvestGuard(cfg.policy, self.counters, self.blocks)
+        self.rates = RateLimiter(cfg.policy, self.counters)
+        self.recipients = RecipientValidator(cfg)
+        self.sender_logins: dict[str, frozenset[str]] = {}
+        self.store: Store | None = None
+        self._serials: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def start(self, store: Store | None = None) -> None:
+        """Open the store (unless given) and load the caches; start the refresher."""
+        if store is None:
+            from mailwarden import store as store_mod
+
+            store = await asyncio.to_thread(store_mod.open_store, self.cfg)
+        self.store = store
+        self.blocks.on_block = self._persist_block
+        await self.refresh(force=True)
+        self._task = asyncio.get_running_loop().create_task(self._refresher())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.counters.close()
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+
+    async def _refresher(self) -> None:
+        interval = self.cfg.policy.registry_refresh
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep the old caches; try again next time
+                emit("policy.refresh_error", error=type(exc).__name__)
+
+    # -- caches -----------------------------------------------------------------------------
+    async def refresh(self, *, force: bool = False) -> None:
+        store = self.store
+        if store is None:
+            return
+        serials = await store.call(self._read_serials, store)
+        changed = {k for k, v in serials.items() if force or self._serials.get(k) != v}
+        if SENDERS_SERIAL in changed:
+            self._load_senders(await store.call(list_senders, store))
+        if BLOCKS_SERIAL in changed:
+            self.blocks.replace(await store.call(active_blocks, store))
+        if USERS_SERIAL in changed:
+            logins = await store.call(sender_login_map, store)
+            self.sender_logins = logins
+            self.recipients.database.replace(a for addrs in logins.values() for a in addrs)
+        self._serials = serials
+
+    @staticmethod
+    def _read_serials(store: Store) -> dict[str, int]:
+        keys = (SENDERS_SERIAL, BLOCKS_SERIAL, USERS_SERIAL)
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(meta.c.key, meta.c.value).where(meta.c.key.in_(keys)))
+            return {k: int(v) for k, v in rows}
+
+    def _load_senders(self, senders: list[RegisteredSender]) -> None:
+        good = []
+        for s in senders:
+            if self.campus.covers(s.network):
+                good.append(s)
+            else:
+                emit(
+                    "policy.config_error",
+                    error=f"registered sender {s.network} ({s.name}) is outside the campus "
+                    f"networks {self.campus}: ignored",
+                    control=Control.SU_3,
+                )
+        self.registry.replace_dynamic(good)
+
+    def _persist_block(self, ip: str, reason: str, until: float) -> None:
+        store = self.store
+        if store is None:
+            return
+
+        async def write() -> None:
+            try:
+                await store.call(add_block, store, ip, reason, until)
+                self.blocks.persisted(ip)
+            except Exception as exc:
+                emit("policy.store_error", op="add_block", client=ip, error=type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
