@@ -18,11 +18,11 @@ bind" would succeed). Passwords are never logged; errors are reported by type on
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
 import ldap3  # type: ignore[import-untyped]
-from ldap3.core.exceptions import LDAPException  # type: ignore[import-untyped]
 from ldap3.utils.conv import escape_filter_chars  # type: ignore[import-untyped]
 
 from mailwarden.auth.base import AuthResult, acceptable_credentials
@@ -46,21 +46,15 @@ class LdapAuthenticator:
         self.settings = settings
         self._bind_password = bind_password
         self._pool: ThreadPoolExecutor | None = None
-        tls = None
+        # ldap3 packs socket timeouts as whole seconds (a float raises struct.error).
+        self._seconds = max(1, math.ceil(settings.timeout))
+        self._tls = None
         if settings.use_ssl or settings.start_tls:
-            tls = ldap3.Tls(
+            self._tls = ldap3.Tls(
                 validate=ssl.CERT_REQUIRED,
                 ca_certs_file=settings.ca_file or None,
                 version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        self._server = ldap3.Server(
-            settings.host,
-            port=settings.port,
-            use_ssl=settings.use_ssl,
-            tls=tls,
-            get_info=ldap3.NONE,
-            connect_timeout=settings.timeout,
-        )
 
     async def authenticate(self, login: str, password: str) -> AuthResult:
         if not acceptable_credentials(login, password):
@@ -71,12 +65,22 @@ class LdapAuthenticator:
         return await loop.run_in_executor(self._pool, self._check, login, password)
 
     def _connection(self, user: str | None, password: str | None) -> ldap3.Connection:
+        # A new Server object each time: ldap3 remembers a failed address for minutes
+        # (RESET_AVAILABILITY_TIMEOUT), which would stretch a short outage.
+        server = ldap3.Server(
+            self.settings.host,
+            port=self.settings.port,
+            use_ssl=self.settings.use_ssl,
+            tls=self._tls,
+            get_info=ldap3.NONE,
+            connect_timeout=self._seconds,
+        )
         conn = ldap3.Connection(
-            self._server,
+            server,
             user=user,
             password=password,
             authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
-            receive_timeout=self.settings.timeout,
+            receive_timeout=self._seconds,
             raise_exceptions=False,
             auto_bind=ldap3.AUTO_BIND_NONE,
             read_only=True,
@@ -99,7 +103,7 @@ class LdapAuthenticator:
                 search_scope=ldap3.SUBTREE,
                 attributes=[],
                 size_limit=2,
-                time_limit=max(1, int(s.timeout)),
+                time_limit=self._seconds,
             )
             code = conn.result.get("result", 0)
             if not ok and code not in (0, 4, 32):  # success, sizeLimitExceeded, noSuchObject
@@ -127,7 +131,7 @@ class LdapAuthenticator:
                 conn.unbind()
         except _TempFail as exc:
             emit("auth.error", backend=self.name, error=str(exc))
-        except (LDAPException, OSError) as exc:
+        except Exception as exc:  # LDAPException, OSError, anything: undecided, never OK
             emit("auth.error", backend=self.name, error=type(exc).__name__)
         return AuthResult.TEMPFAIL
 
