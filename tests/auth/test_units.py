@@ -172,3 +172,29 @@ def test_service_fails_closed() -> None:
     assert asyncio.run(svc.attempt("192.0.2.1", "alice", "pw")).outcome is Outcome.TEMPFAIL
     weird = AuthService(auth_settings(), Weird())  # type: ignore[arg-type]
     assert asyncio.run(weird.attempt("192.0.2.1", "alice", "pw")).outcome is Outcome.TEMPFAIL
+
+
+def test_shared_counters_adapter_over_policy_counters() -> None:
+    from mailwarden.auth.throttle import SharedCounters
+    from mailwarden.policy.counters import MemoryCounters
+
+    t = AuthThrottle(
+        auth_settings(client_soft_limit=1, client_hard_limit=2), SharedCounters(MemoryCounters())
+    )
+
+    async def run() -> list[object]:
+        return [
+            await t.check("192.0.2.9", "alice"),
+            await t.failed("192.0.2.9", "alice"),
+            await t.check("192.0.2.9", "alice"),
+            await t.refused("192.0.2.9"),
+            await t.check("192.0.2.9", None),
+        ]
+
+    assert asyncio.run(run()) == [
+        ThrottleVerdict.ALLOW,
+        False,
+        ThrottleVerdict.TEMPFAIL,
+        True,
+        ThrottleVerdict.DISCONNECT,
+    ]
