@@ -26,7 +26,16 @@ EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 
-_COMMANDS = ("serve", "config_cmd", "queue_cmd", "quarantine_cmd", "status_cmd", "user_cmd")
+_COMMANDS = (
+    "serve",
+    "config_cmd",
+    "queue_cmd",
+    "quarantine_cmd",
+    "status_cmd",
+    "user_cmd",
+    "senders_cmd",
+    "blocks_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,25 +8,37 @@ waits) and ``RedisCounters`` (redis.asyncio; several gateway nodes and worker pr
 share the counts). ``make_counters(cfg)`` picks one from ``[policy] counters``.
 
 Public names: ``CounterStore``, ``MemoryCounters``, ``RedisCounters``, ``make_counters``,
-``KEY_PREFIX``.
+``KEY_PREFIX``, ``in_task``.
 Security: keys embed client addresses and logins (bounded, no spaces); Redis errors
 propagate so the policy engine turns them into a TEMPFAIL (fail closed), never an accept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from mailwarden.config import Config
 
+T = TypeVar("T")
 KEY_PREFIX = "mw:"  # every Redis key we write starts with this
 MAX_MEMORY_KEYS = 200_000  # counters kept in process before expired ones are swept
 SWEEP_EVERY = 4096  # increments between opportunistic sweeps of expired counters
+
+
+async def in_task(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` inside a task. The SMTP edge runs policy checks eagerly, outside any
+    task (``smtp.aio``); libraries that need one (``asyncio.timeout``, redis-py) get it here.
+    The check is resumed by the edge when the task is done."""
+    if asyncio.current_task() is not None:
+        return await coro
+    return await asyncio.get_running_loop().create_task(coro)
 
 
 class CounterStore(Protocol):
@@ -93,6 +105,9 @@ class RedisCounters:
         )
 
     async def incr(self, key: str, window: float, amount: int = 1) -> int:
+        return await in_task(self._incr(key, window, amount))
+
+    async def _incr(self, key: str, window: float, amount: int) -> int:
         k = KEY_PREFIX + key
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.incrby(k, amount)
@@ -101,10 +116,16 @@ class RedisCounters:
         return int(value)
 
     async def get(self, key: str) -> int:
+        return await in_task(self._get(key))
+
+    async def _get(self, key: str) -> int:
         value = await self.client.get(KEY_PREFIX + key)
         return int(value) if value is not None else 0
 
     async def delete(self, key: str) -> None:
+        await in_task(self._delete(key))
+
+    async def _delete(self, key: str) -> None:
         await self.client.delete(KEY_PREFIX + key)
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ recipient directories and the harvest defence at RCPT, outbound quotas at end of
 ``await policy.start()`` connects the data store (registered senders, blocks, users);
 without it the policy runs on the configuration alone.
 
-Public names: ``Policy``, ``POLICY_ERROR``, ``default_rules``.
+Public names: ``Policy``, ``POLICY_ERROR``, ``CONNECT_ERROR``, ``default_rules``.
 Security: evaluates untrusted client data through the rules; errors are logged as events
 without the data that caused them.
 """
@@ -34,6 +34,10 @@ from mailwarden.smtp.reply import reply_for
 RULE_TIMEOUT = 20.0  # seconds one awaitable rule may take before the check tempfails
 POLICY_ERROR = Decision(
     Action.TEMPFAIL, "Temporary policy failure, try again later", code=451, enhanced="4.3.0"
+)
+# At connect a failed check closes the session (a greeting can only be 220, 421 or 554).
+CONNECT_ERROR = Decision(
+    Action.DISCONNECT, "Temporary policy failure, try again later", code=421, enhanced="4.3.0"
 )
 MAX_REPLY_CACHE = 4096  # rendered replies remembered per decision
 _QUIET = (Action.ACCEPT, Action.CONTINUE)
@@ -98,6 +102,8 @@ class Policy:
         self, stage: Stage, session: Session, envelope: Envelope | None, value: str | bytes
     ) -> Decision:
         decision = await self._decide(stage, session, envelope, value)
+        if decision is POLICY_ERROR and stage is Stage.CONNECT:
+            decision = CONNECT_ERROR
         if self.all_events or decision.action not in _QUIET:
             self._event(stage, session, value, decision)
         return decision

@@ -36,6 +36,7 @@ from mailwarden.config import TransportSpec
 from mailwarden.core.events import emit
 from mailwarden.delivery.smtp_conn import SMTPConnection
 from mailwarden.errors import ConfigError
+from mailwarden.policy.counters import in_task
 
 if TYPE_CHECKING:
     from mailwarden.config import Config
@@ -158,7 +159,7 @@ class CalloutDirectory:
         fut: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            result = await self._probe(address)
+            result = await in_task(self._probe(address))
         except BaseException:
             fut.set_result(Lookup.TEMPFAIL)
             raise
