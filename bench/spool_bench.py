@@ -1,7 +1,11 @@
-"""Micro benchmark of the spool: enqueues/s with many concurrent enqueuers (real fsync).
+"""Micro benchmark of the queue stage: enqueues/s and CPU per message, real fsync.
 
 Usage: ``.venv/bin/python bench/spool_bench.py [--messages N] [--concurrency C]
-[--size BYTES] [--dir DIR] [--no-fsync]``. Prints enqueues per second. Not a test.
+[--size BYTES] [--dir DIR] [--no-fsync] [--threads T] [--deliver]``. Without ``--deliver``
+only enqueues are measured; with it a ``Scheduler`` also delivers every message through a
+null transport (accepts at once), so the number covers the spool's whole life cycle of a
+message: write, hand-over, completion. Prints messages per second and the process CPU
+(user + system, all threads) per message. Not a test.
 Security: writes only under a temporary directory (or ``--dir``).
 """
 
@@ -15,7 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailwarden.core.types import Direction, EnvelopeSnapshot, new_queue_id
+from mailwarden.config import default_config
+from mailwarden.core.types import (
+    DeliveryStatus,
+    Direction,
+    EnvelopeSnapshot,
+    RecipientResult,
+    new_queue_id,
+)
+from mailwarden.delivery.base import DeliveryItem
+from mailwarden.queue.scheduler import Scheduler
 from mailwarden.queue.spool import SPOOL_IO_THREADS, Spool
 
 
@@ -33,10 +46,42 @@ def _snapshot(size: int) -> EnvelopeSnapshot:
     )
 
 
+class NullRouter:
+    """Accepts every recipient at once (a transport that costs nothing)."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.done = asyncio.Event()
+        self.target = 0
+
+    def destination(self, recipient: str) -> str:
+        return "null:" + recipient.rpartition("@")[2]
+
+    async def deliver(self, item: DeliveryItem) -> list[RecipientResult]:
+        self.delivered += len(item.recipients)
+        if self.delivered >= self.target:
+            self.done.set()
+        return [
+            RecipientResult(r, DeliveryStatus.DELIVERED, 250, "2.0.0", "ok")
+            for r in item.recipients
+        ]
+
+
 async def _run(
-    root: Path, messages: int, concurrency: int, size: int, fsync: bool, threads: int
-) -> float:
+    root: Path,
+    messages: int,
+    concurrency: int,
+    size: int,
+    fsync: bool,
+    threads: int,
+    deliver: bool,
+) -> tuple[float, float]:
     spool = Spool(root, "w0", fsync=fsync, io_threads=threads)
+    router = NullRouter()
+    router.target = messages
+    scheduler = Scheduler(default_config(), spool, router) if deliver else None
+    if scheduler is not None:
+        await scheduler.start()
     body = os.urandom(size // 2).hex().encode()[:size]
     todo = iter(range(messages))
 
@@ -44,35 +89,52 @@ async def _run(
         for _ in todo:
             await spool.enqueue(_snapshot(size), body)
 
-    start = time.perf_counter()
+    cpu0, start = os.times(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if scheduler is not None:
+        await router.done.wait()
+        await scheduler.wait_idle()
     elapsed = time.perf_counter() - start
+    cpu1 = os.times()
+    if scheduler is not None:
+        await scheduler.stop()
     spool.close()
-    return messages / elapsed
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return messages / elapsed, cpu / messages
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--size", type=int, default=10240)
     ap.add_argument("--dir", default=None, help="spool directory (default: a temp dir)")
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--threads", type=int, default=SPOOL_IO_THREADS, help="spool I/O threads")
+    ap.add_argument("--deliver", action="store_true", help="also deliver (null transport)")
     args = ap.parse_args()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="spool-bench-"))
     root = base / "spool"
     try:
-        rate = asyncio.run(
-            _run(root, args.messages, args.concurrency, args.size, not args.no_fsync, args.threads)
+        rate, cpu = asyncio.run(
+            _run(
+                root,
+                args.messages,
+                args.concurrency,
+                args.size,
+                not args.no_fsync,
+                args.threads,
+                args.deliver,
+            )
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
+    what = "enqueued+delivered" if args.deliver else "enqueues"
     print(
-        f"spool: {rate:,.0f} enqueues/s ({args.messages} x {args.size} B, "
-        f"{args.concurrency} concurrent, {args.threads} threads, "
+        f"spool: {rate:,.0f} {what}/s, CPU {cpu * 1000:.2f} ms/msg ({args.messages} x "
+        f"{args.size} B, {args.concurrency} concurrent, {args.threads} threads, "
         f"fsync={'off' if args.no_fsync else 'on'})"
     )
 

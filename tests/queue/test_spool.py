@@ -165,3 +165,32 @@ def test_adopt_orphans_moves_shards_of_missing_workers(tmp_path: Path) -> None:
     assert shards["w1"].locate(ids["w1"]) is QueueState.ACTIVE  # live shard untouched
     assert shards["w3"].ids(QueueState.ACTIVE) == []
     assert Spool.adopt_orphans(tmp_path, 2) == []  # idempotent
+
+
+def test_envelope_json_matches_the_snapshot_to_json() -> None:
+    import json
+    import time
+
+    from mailwarden.core.types import Direction, EnvelopeSnapshot
+    from mailwarden.queue.spool import envelope_json
+
+    snap = EnvelopeSnapshot(
+        queue_id="ABCDEF123",
+        mail_from="s\u00e9nder@example.org",
+        recipients=("a@example.edu", 'b"q@example.edu'),
+        received_at=time.time(),
+        client_ip="2001:db8::1",
+        client_helo="helo\x01",
+        direction=Direction.OUTBOUND,
+        message_id="<m@x>",
+        size=12,
+        smtputf8=True,
+        body="8BITMIME",
+        auth_user="u",
+        session_id="s1",
+        is_bounce=True,
+    )
+    assert json.loads(envelope_json(snap)) == snap.to_json()
+    assert EnvelopeSnapshot.from_json(json.loads(envelope_json(snap))) == snap
+    default = make_snapshot()
+    assert json.loads(envelope_json(default)) == default.to_json()

@@ -136,6 +136,7 @@ class Scheduler:
         self._running = False
         if self.spool.on_enqueue == self.notify:
             self.spool.on_enqueue = None
+            self.spool.forget_fresh()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -240,17 +241,20 @@ class Scheduler:
 
     async def _attempt(self, qid: str) -> None:
         spool = self.spool
-        try:
-            msg = await spool.run(lambda: spool.load(qid, QueueState.ACTIVE))
-        except FileNotFoundError:
-            return  # held, deleted or moved by the operator
-        except SpoolCorrupt as exc:
-            reason = str(exc)
-            await spool.run(lambda: spool.mark_corrupt(qid, QueueState.ACTIVE, reason))
-            return
+        msg = spool.take_fresh(qid)  # just enqueued: envelope and bytes are in memory
+        if msg is None:
+            try:
+                msg = await spool.run(lambda: spool.load(qid, QueueState.ACTIVE))
+            except FileNotFoundError:
+                return  # held, deleted or moved by the operator
+            except SpoolCorrupt as exc:
+                reason = str(exc)
+                await spool.run(lambda: spool.mark_corrupt(qid, QueueState.ACTIVE, reason))
+                return
+        journaled = msg.has_journal
         pending = msg.pending
         if not pending:
-            await self._finish(msg, [])
+            await self._finish(msg, [], journaled)
             return
         attempt = msg.journal.attempts + 1
         groups = self._split(pending)
@@ -260,7 +264,7 @@ class Scheduler:
         skipped = False
 
         async def run_group(destination: str, recipients: tuple[str, ...]) -> None:
-            nonlocal outstanding, skipped
+            nonlocal outstanding, skipped, journaled
             got = await self._deliver(msg, destination, recipients, attempt)
             outstanding -= 1
             if got is None:
@@ -271,11 +275,15 @@ class Scheduler:
             if outstanding > 0 and delivered:  # make them durable now: others are in flight
                 at = self.clock()
                 records = [rcpt_record(r, at) for r in delivered]
+                journaled = True
                 await spool.run(lambda: spool.append_journal(qid, records, sync=True))
             else:
                 unjournaled.extend(delivered)
 
-        await asyncio.gather(*(run_group(d, rs) for d, rs in groups))
+        if len(groups) == 1:  # the common case: no task per group
+            await run_group(*groups[0])
+        else:
+            await asyncio.gather(*(run_group(d, rs) for d, rs in groups))
         bounced = [r for r in results if r.status is DeliveryStatus.BOUNCED]
         deferred = [r for r in results if r.status is DeliveryStatus.DEFERRED]
         now = self.clock()
@@ -290,7 +298,7 @@ class Scheduler:
         if bounced or expire:
             failed = await self._bounce(msg, bounced, deferred if expire else [], attempt)
         if not deferred or expire:
-            await self._finish(msg, unjournaled + failed)
+            await self._finish(msg, unjournaled + failed, journaled)
             return
         records = [rcpt_record(r, now) for r in unjournaled + bounced + deferred]
         records.append(attempt_record(attempt, now))
@@ -336,12 +344,15 @@ class Scheduler:
         """One item; None if the message left ``active/`` before it could be sent."""
         spool, snap = self.spool, msg.snapshot
         async with self._dest.hold(destination), self._total:
-            if not await spool.run(lambda: msg.path.exists()):
-                return None
-            try:
-                data = await spool.run(lambda: spool.read_data(msg))
-            except FileNotFoundError:
-                return None
+            if msg.data is not None:  # a fresh message: only check it is still active
+                if not spool.still_active(msg):
+                    return None
+                data = msg.data
+            else:
+                try:  # also tells whether it is still in active/
+                    data = await spool.run(lambda: spool.read_data(msg))
+                except FileNotFoundError:
+                    return None
             item = DeliveryItem(
                 queue_id=snap.queue_id,
                 mail_from=snap.mail_from,
@@ -385,12 +396,12 @@ class Scheduler:
             )
         return results
 
-    async def _finish(self, msg: SpooledMessage, final: list[RecipientResult]) -> None:
+    async def _finish(
+        self, msg: SpooledMessage, final: list[RecipientResult], journaled: bool
+    ) -> None:
         """Every recipient has a final result: remove the message durably."""
         spool, qid = self.spool, msg.snapshot.queue_id
-        if await spool.run(lambda: spool.remove(qid, QueueState.ACTIVE)):
-            await spool.sync_dir(QueueState.ACTIVE)
-            await spool.run(lambda: spool.drop_journal(qid))
+        if await spool.complete(qid, has_journal=journaled):
             emit("queue.removed", queue_id=qid, message_id=msg.snapshot.message_id)
         elif final:  # moved to hold meanwhile: remember the results so a release is safe
             at = self.clock()
@@ -450,10 +461,13 @@ class Scheduler:
         snap = msg.snapshot
         if not snap.mail_from or snap.is_bounce:
             return None
-        try:
-            head = await self.spool.run(lambda: self.spool.read_head(msg, MAX_RETURNED_HEADERS))
-        except FileNotFoundError:
-            head = b""
+        if msg.data is not None:
+            head = msg.data[:MAX_RETURNED_HEADERS]
+        else:
+            try:
+                head = await self.spool.run(lambda: self.spool.read_head(msg, MAX_RETURNED_HEADERS))
+            except FileNotFoundError:
+                head = b""
         now = self.clock()
         recipients = [
             DsnRecipient(r.recipient, r.enhanced, r.code, r.text, r.remote_host) for r in results
