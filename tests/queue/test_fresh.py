@@ -92,7 +92,7 @@ async def test_fresh_message_is_delivered_without_reading_the_spool(
         assert spool.locate(s.queue_id) is None
     removed = {e.fields["queue_id"] for e in events.events if e.name == "queue.removed"}
     assert removed == {s.queue_id for s in snaps}
-    assert spool.take_fresh(snaps[0].queue_id) is None  # handed over, not kept
+    assert all(spool.fresh(s.queue_id) is None for s in snaps)  # dropped after the attempt
 
 
 @pytest.mark.asyncio
@@ -110,6 +110,28 @@ async def test_evicted_fresh_message_is_delivered_from_disk(start: Factory) -> N
         first.queue_id: body1,
         second.queue_id: body2,
     }
+    assert spool.ids(QueueState.ACTIVE) == []
+
+
+@pytest.mark.asyncio
+async def test_mail_waiting_for_a_slot_stays_within_the_cache_cap(start: Factory) -> None:
+    gate = asyncio.Event()
+    router = ScriptedRouter(gate=gate)
+    body = make_message()
+    cap = 2 * len(body)
+    sched, spool = await start(router, cache=cap, destination_concurrency=1)
+    reads = count_reads(spool)
+    snaps = [make_snapshot() for _ in range(6)]
+    for s in snaps:
+        await spool.enqueue(s, body)
+        assert sum(len(d) for s2 in snaps if (d := spool.fresh_data(s2.queue_id))) <= cap
+    for _ in range(10):
+        await asyncio.sleep(0)
+    gate.set()
+    await settle(sched)
+    assert sorted(c.queue_id for c in router.calls) == sorted(s.queue_id for s in snaps)
+    assert all(c.message == body for c in router.calls)
+    assert reads["read_data"] >= 3  # evicted while waiting: read back from the file
     assert spool.ids(QueueState.ACTIVE) == []
 
 
@@ -137,7 +159,7 @@ async def test_fresh_message_held_before_its_attempt_is_not_delivered(start: Fac
     await spool.enqueue(held, make_message())  # taken from memory, waits for the slot
     for _ in range(10):
         await asyncio.sleep(0)
-    assert spool.take_fresh(held.queue_id) is None  # the attempt has it
+    assert spool.fresh_data(held.queue_id) == make_message()  # waits in the cache
     spool.move(held.queue_id, QueueState.ACTIVE, QueueState.HOLD)
     gate.set()
     await settle(sched)
@@ -151,13 +173,13 @@ async def test_fresh_copies_only_while_a_scheduler_runs(tmp_path: Path) -> None:
     spool = Spool(tmp_path, "w0")
     snap = make_snapshot()
     await spool.enqueue(snap, make_message())  # no consumer registered: nothing kept
-    assert spool.take_fresh(snap.queue_id) is None
+    assert spool.fresh(snap.queue_id) is None
     sched = Scheduler(default_config(), spool, ScriptedRouter())
     await sched.start()
     other = make_snapshot()
     await spool.enqueue(other, make_message())
     await sched.stop()  # before the dispatcher ran: the copy is dropped, the file stays
-    assert spool.take_fresh(other.queue_id) is None
+    assert spool.fresh(other.queue_id) is None
     assert spool.locate(other.queue_id) is QueueState.ACTIVE
     spool.close()
 

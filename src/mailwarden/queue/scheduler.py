@@ -234,6 +234,7 @@ class Scheduler:
                     lambda: self.spool.move(qid, QueueState.ACTIVE, QueueState.DEFERRED, mtime=due)
                 )
         finally:
+            self.spool.drop_fresh(qid)
             self._slots.release()
             self._tracked.discard(qid)
             if not self._tracked:
@@ -241,7 +242,7 @@ class Scheduler:
 
     async def _attempt(self, qid: str) -> None:
         spool = self.spool
-        msg = spool.take_fresh(qid)  # just enqueued: envelope and bytes are in memory
+        msg = spool.fresh(qid)  # just enqueued: the envelope (and bytes) are in memory
         if msg is None:
             try:
                 msg = await spool.run(lambda: spool.load(qid, QueueState.ACTIVE))
@@ -344,10 +345,11 @@ class Scheduler:
         """One item; None if the message left ``active/`` before it could be sent."""
         spool, snap = self.spool, msg.snapshot
         async with self._dest.hold(destination), self._total:
-            if msg.data is not None:  # a fresh message: only check it is still active
+            fresh = spool.fresh_data(snap.queue_id)
+            if fresh is not None:  # in memory: only check that it is still active
                 if not spool.still_active(msg):
                     return None
-                data = msg.data
+                data = fresh
             else:
                 try:  # also tells whether it is still in active/
                     data = await spool.run(lambda: spool.read_data(msg))
@@ -461,8 +463,9 @@ class Scheduler:
         snap = msg.snapshot
         if not snap.mail_from or snap.is_bounce:
             return None
-        if msg.data is not None:
-            head = msg.data[:MAX_RETURNED_HEADERS]
+        fresh = self.spool.fresh_data(snap.queue_id)
+        if fresh is not None:
+            head = fresh[:MAX_RETURNED_HEADERS]
         else:
             try:
                 head = await self.spool.run(lambda: self.spool.read_head(msg, MAX_RETURNED_HEADERS))

@@ -23,9 +23,12 @@ a queue id is never overwritten) and covers with one directory fsync. Completion
 the same directory fsync (``complete``).
 
 Fresh messages: while a consumer is registered (``on_enqueue``, the scheduler), the
-envelope and bytes of each new message stay in memory (``take_fresh``, at most
-``FRESH_CACHE_BYTES`` in all, oldest evicted first), so the first attempt reads nothing
-back from disk. The file stays the only durable copy; an evicted message is read from it.
+envelope and bytes of each new message stay in memory (``fresh``/``fresh_data``, at most
+``FRESH_CACHE_BYTES`` in all, oldest evicted first, dropped with ``drop_fresh`` when the
+first attempt ends), so that attempt reads nothing back from disk. The bytes stay in the
+cache (not in the attempt) until a delivery slot takes them, so mail waiting for a slot
+never holds more than the cap. The file stays the only durable copy; an evicted message
+is read from it.
 
 Public names: ``Spool``, ``QueueState``, ``SpooledMessage``, ``MessageSink``,
 ``SPOOL_IO_THREADS``, ``FRESH_CACHE_BYTES``, ``valid_queue_id``, ``shard_name``,
@@ -97,8 +100,7 @@ class MessageSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SpooledMessage:
-    """A message file's envelope and its journal (the message bytes are read separately,
-    except for a fresh message, whose bytes come along in ``data``)."""
+    """A message file's envelope and its journal (the message bytes are read separately)."""
 
     snapshot: EnvelopeSnapshot
     state: QueueState
@@ -108,9 +110,6 @@ class SpooledMessage:
     data_crc: int
     journal: Journal
     mtime: float
-    # The message bytes of a fresh message handed over by ``enqueue`` (None: read them
-    # from the file with ``read_data``).
-    data: bytes | None = None
     # False when it is known that no journal file exists (nothing to remove on completion).
     has_journal: bool = True
 
@@ -309,10 +308,10 @@ class Spool:
         (self.path / "done").mkdir(exist_ok=True, mode=DIR_MODE)
         self._io_threads = io_threads
         self._executor: ThreadPoolExecutor | None = None
-        self._committers: dict[tuple[int, QueueState], _GroupCommit] = {}
+        self._committers: dict[tuple[int, QueueState, bool], _GroupCommit] = {}
         self._incoming = str(self.path / QueueState.INCOMING.value)
         self._active = str(self.path / QueueState.ACTIVE.value)
-        self._fresh: OrderedDict[str, SpooledMessage] = OrderedDict()
+        self._fresh: OrderedDict[str, tuple[SpooledMessage, bytes]] = OrderedDict()
         self._fresh_bytes = 0
 
     # Paths ---------------------------------------------------------------------------
@@ -343,8 +342,11 @@ class Spool:
             self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool")
         return await asyncio.get_running_loop().run_in_executor(self._executor, func)
 
-    def _committer(self, state: QueueState) -> _GroupCommit:
-        key = (id(asyncio.get_running_loop()), state)
+    def _committer(self, state: QueueState, removals: bool = False) -> _GroupCommit:
+        """The group committer of a directory; completions (``removals``) have their own,
+        so that an unlink never waits behind a batch of writes (a delivered message is
+        recorded as soon as possible: a crash before it means a duplicate delivery)."""
+        key = (id(asyncio.get_running_loop()), state, removals)
         committer = self._committers.get(key)
         if committer is None:
             committer = _GroupCommit(self.dir(state), self.run, self._write_batch, self.fsync)
@@ -455,8 +457,7 @@ class Spool:
         size = len(job.data)
         if size > self.fresh_cache_bytes:
             return
-        qid = job.snapshot.queue_id
-        self._fresh[qid] = SpooledMessage(
+        msg = SpooledMessage(
             snapshot=job.snapshot,
             state=QueueState.ACTIVE,
             path=Path(job.final),
@@ -465,21 +466,30 @@ class Spool:
             data_crc=job.data_crc,
             journal=Journal(),
             mtime=job.snapshot.received_at,
-            data=job.data,
             has_journal=False,
         )
+        self._fresh[job.snapshot.queue_id] = (msg, job.data)
         self._fresh_bytes += size
         while self._fresh_bytes > self.fresh_cache_bytes:
-            _, old = self._fresh.popitem(last=False)
+            _, (old, _) = self._fresh.popitem(last=False)
             self._fresh_bytes -= old.data_length
 
-    def take_fresh(self, qid: str) -> SpooledMessage | None:
-        """The in-memory copy of a message just enqueued (removed from the cache), with
-        ``data`` set and an empty journal; None if it was evicted or never kept."""
-        msg = self._fresh.pop(qid, None)
-        if msg is not None:
-            self._fresh_bytes -= msg.data_length
-        return msg
+    def fresh(self, qid: str) -> SpooledMessage | None:
+        """The envelope of a message just enqueued, as ``load`` would return it (empty
+        journal, none on disk); None if it was evicted or never kept."""
+        entry = self._fresh.get(qid)
+        return entry[0] if entry is not None else None
+
+    def fresh_data(self, qid: str) -> bytes | None:
+        """The bytes of a message just enqueued; None if evicted (read the file)."""
+        entry = self._fresh.get(qid)
+        return entry[1] if entry is not None else None
+
+    def drop_fresh(self, qid: str) -> None:
+        """Forget the in-memory copy of a message (its first attempt is over)."""
+        entry = self._fresh.pop(qid, None)
+        if entry is not None:
+            self._fresh_bytes -= entry[0].data_length
 
     def forget_fresh(self) -> None:
         """Drop every in-memory copy (the consumer stopped)."""
@@ -634,7 +644,7 @@ class Spool:
         """
         self._check_id(qid)
         job = _Remove(f"{self._active}/{qid}")
-        await self._committer(QueueState.ACTIVE).commit(job)
+        await self._committer(QueueState.ACTIVE, removals=True).commit(job)
         if not job.found:
             return False
         if has_journal:
