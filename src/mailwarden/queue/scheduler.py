@@ -15,6 +15,12 @@ is enqueued before the bounced recipients are journaled, so a crash can repeat a
 never lose one. A message with recipients left is moved to ``deferred/`` with its due time
 as the file's mtime; every ``queue.scan_interval`` due files go back to ``active/``.
 
+A message just enqueued is attempted from the spool's in-memory copy (``Spool.fresh``:
+no file or journal is read back; its bytes are taken when a delivery slot is held); a
+message recovered at startup, deferred, released or evicted from that cache is read from
+its file. Completion is ``Spool.complete`` (group-committed unlink and directory fsync)
+before ``queue.removed`` is emitted.
+
 Operator actions work through files: a message moved to ``hold/`` or deleted is skipped
 (an item already handed to a transport finishes); ``mailwarden queue flush`` creates the
 shard's ``flush`` trigger file, which the scheduler checks every ``TRIGGER_POLL`` seconds

@@ -19,8 +19,9 @@ the directory; it returns only then (the SMTP edge sends ``250`` after it). Enqu
 group-committed per directory: the enqueues that arrive while a batch is on disk form the
 next batch, which one thread-pool call writes (all files, writeback started for all, then
 one fsync each, so the filesystem journal commits them together), renames (no-replace:
-a queue id is never overwritten) and covers with one directory fsync. Completions join
-the same directory fsync (``complete``).
+a queue id is never overwritten) and covers with one directory fsync. Completions
+(``complete``) are group-committed the same way by a committer of their own (unlinks, one
+directory fsync), so a finished delivery is recorded without waiting behind writes.
 
 Fresh messages: while a consumer is registered (``on_enqueue``, the scheduler), the
 envelope and bytes of each new message stay in memory (``fresh``/``fresh_data``, at most
@@ -43,9 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
-import functools
 import json
 import os
 import re
@@ -61,6 +59,13 @@ from typing import Any, Protocol, TypeVar
 from mailwarden.core.events import emit
 from mailwarden.core.types import EnvelopeSnapshot
 from mailwarden.errors import QueueError, SpoolCorrupt
+from mailwarden.queue.commit import (
+    GroupCommit,
+    RemoveJob,
+    fsync_dir,
+    rename_noreplace,
+    start_writeback,
+)
 from mailwarden.queue.journal import Journal, parse_journal
 
 SPOOL_IO_THREADS = 4  # parallel file writers; more threads thrash the GIL (32: ~330 msg/s, 4: ~440)
@@ -130,65 +135,12 @@ def shard_name(index: int) -> str:
     return f"w{index}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def envelope_json(snapshot: EnvelopeSnapshot) -> bytes:
     """``snapshot.to_json()`` as compact JSON, without ``dataclasses.asdict`` (which
     deep-copies every field and was a fifth of the enqueue CPU). Every field is a scalar,
     a tuple of strings (JSON array) or a ``StrEnum`` (JSON string of its value)."""
     obj = {name: getattr(snapshot, name) for name in _ENVELOPE_FIELDS}
     return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _libc_function(name: str) -> Any:
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1  # renameat2(2) flag: fail with EEXIST instead of replacing
-_SYNC_FILE_RANGE_WRITE = 2  # sync_file_range(2) flag: start writeback, do not wait
-_renameat2 = _libc_function("renameat2")
-if _renameat2 is not None:
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-    _renameat2.argtypes += [ctypes.c_uint]
-    _renameat2.restype = ctypes.c_int
-_sync_file_range = _libc_function("sync_file_range")
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-
-
-def _rename_noreplace(src: str, dst: str) -> None:
-    """Atomic rename that never replaces ``dst`` (``FileExistsError`` if it exists): one
-    system call with renameat2, else a check and a plain rename."""
-    global _renameat2
-    if _renameat2 is not None:
-        flags = _RENAME_NOREPLACE
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: the file system lacks the flag
-            raise OSError(err, os.strerror(err), dst)
-        _renameat2 = None
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    os.rename(src, dst)
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing a file's dirty pages without waiting, so that the fsyncs of a batch
-    that follow find their data on its way and share one journal commit. Best effort."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(slots=True)
@@ -206,79 +158,7 @@ class _Write:
     error: BaseException | None = None
 
 
-@dataclass(slots=True)
-class _Remove:
-    """One message file to unlink in a batch (``found`` is False if it was not there)."""
-
-    path: str
-    found: bool = False
-    error: BaseException | None = None
-
-
-_Job = _Write | _Remove
-
-
-class _GroupCommit:
-    """Group commit for one state directory.
-
-    ``await commit(job)`` returns once ``job`` (a message file to write or to remove, or
-    None) is done and an fsync of the directory that *started* after the call has
-    completed, so every rename or unlink done in the directory before the call is durable.
-    Calls that arrive while a batch is on disk form the next batch: one thread-pool call
-    does all its jobs and then fsyncs the directory once.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        run: Callable[[Callable[[], None]], Any],
-        write: Callable[[list[_Job]], None],
-        fsync: bool,
-    ) -> None:
-        self._path = path
-        self._run = run
-        self._write = write
-        self._fsync = fsync
-        self._waiters: list[tuple[_Job | None, asyncio.Future[None]]] = []
-        self._running = False
-        self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
-
-    async def commit(self, job: _Job | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append((job, fut))
-        if not self._running:
-            self._running = True
-            self._task = loop.create_task(self._drain())
-        await fut
-
-    def _batch(self, jobs: list[_Job]) -> None:
-        if jobs:
-            self._write(jobs)
-        if self._fsync:
-            _fsync_dir(self._path)
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiters:
-                batch, self._waiters = self._waiters, []
-                jobs = [job for job, _ in batch if job is not None]
-                try:
-                    await self._run(functools.partial(self._batch, jobs))
-                except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for job, fut in batch:
-                    if fut.done():
-                        continue
-                    if job is not None and job.error is not None:
-                        fut.set_exception(job.error)
-                    else:
-                        fut.set_result(None)
-        finally:
-            self._running = False
+_Job = _Write | RemoveJob  # what the spool's group committers do
 
 
 class Spool:
@@ -308,7 +188,7 @@ class Spool:
         (self.path / "done").mkdir(exist_ok=True, mode=DIR_MODE)
         self._io_threads = io_threads
         self._executor: ThreadPoolExecutor | None = None
-        self._committers: dict[tuple[int, QueueState, bool], _GroupCommit] = {}
+        self._committers: dict[tuple[int, QueueState, bool], GroupCommit[_Job]] = {}
         self._incoming = str(self.path / QueueState.INCOMING.value)
         self._active = str(self.path / QueueState.ACTIVE.value)
         self._fresh: OrderedDict[str, tuple[SpooledMessage, bytes]] = OrderedDict()
@@ -342,14 +222,14 @@ class Spool:
             self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool")
         return await asyncio.get_running_loop().run_in_executor(self._executor, func)
 
-    def _committer(self, state: QueueState, removals: bool = False) -> _GroupCommit:
+    def _committer(self, state: QueueState, removals: bool = False) -> GroupCommit[_Job]:
         """The group committer of a directory; completions (``removals``) have their own,
         so that an unlink never waits behind a batch of writes (a delivered message is
         recorded as soon as possible: a crash before it means a duplicate delivery)."""
         key = (id(asyncio.get_running_loop()), state, removals)
         committer = self._committers.get(key)
         if committer is None:
-            committer = _GroupCommit(self.dir(state), self.run, self._write_batch, self.fsync)
+            committer = GroupCommit(self.dir(state), self.run, self._write_batch, self.fsync)
             self._committers[key] = committer
         return committer
 
@@ -422,7 +302,7 @@ class Spool:
                     written = os.write(job.fd, view)
                     view = view[written:]
                 if self.fsync and len(jobs) > 1:
-                    _start_writeback(job.fd)
+                    start_writeback(job.fd)
             except Exception as exc:
                 self._fail(job, exc)
         for job in jobs:
@@ -433,7 +313,7 @@ class Spool:
                     os.fsync(job.fd)
                 os.close(job.fd)
                 job.fd = -1
-                _rename_noreplace(job.tmp, job.final)
+                rename_noreplace(job.tmp, job.final)
                 job.created = False
             except FileExistsError:
                 self._fail(job, QueueError(f"{job.snapshot.queue_id}: queue id already in use"))
@@ -643,7 +523,7 @@ class Spool:
         enqueues (one thread-pool call per batch): a blocking unlink never stalls the loop.
         """
         self._check_id(qid)
-        job = _Remove(f"{self._active}/{qid}")
+        job = RemoveJob(f"{self._active}/{qid}")
         await self._committer(QueueState.ACTIVE, removals=True).commit(job)
         if not job.found:
             return False
@@ -658,7 +538,7 @@ class Spool:
     def fsync_dir(self, state: QueueState) -> None:
         """Synchronous directory fsync (for the management commands)."""
         if self.fsync:
-            _fsync_dir(self.dir(state))
+            fsync_dir(self.dir(state))
 
     def mark_corrupt(self, qid: str, state: QueueState, reason: str) -> None:
         """Move an unparsable file to ``corrupt/`` and say so in an event."""
@@ -727,8 +607,8 @@ class Spool:
                 os.rename(other.path / "done" / name, self.journal_path(qid))
         if self.fsync:
             for state in (*QUEUED_STATES, QueueState.CORRUPT):
-                _fsync_dir(self.dir(state))
-            _fsync_dir(self.path / "done")
+                fsync_dir(self.dir(state))
+            fsync_dir(self.path / "done")
         if moved:
             emit("queue.adopted", shard=self.shard, from_shard=other.shard, count=len(moved))
         return moved
