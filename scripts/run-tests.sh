@@ -4,7 +4,11 @@
 # in the host namespace). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider "$@")
+# Two test processes by default (one per core); MAILWARDEN_TEST_WORKERS=0 runs serially.
+WORKERS=${MAILWARDEN_TEST_WORKERS:-2}
+XDIST=()
+[ "$WORKERS" != "0" ] && XDIST=(-n "$WORKERS")
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider "${XDIST[@]}" "$@")
 if [ "${MAILWARDEN_NO_NETNS:-0}" != "1" ] && [ "$(id -u)" = 0 ] \
    && unshare --net true 2>/dev/null; then
   echo "run-tests: inside a loopback-only network namespace"
