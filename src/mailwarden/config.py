@@ -35,7 +35,7 @@ from mailwarden.core.durations import Duration
 from mailwarden.core.durations import parse_duration as parse_duration  # re-exported
 from mailwarden.errors import ConfigError
 from mailwarden.policy.settings import PolicySettings
-from mailwarden.scan.settings import ScanSettings
+from mailwarden.scan.settings import DkimSettings, ScanSettings
 from mailwarden.store.settings import DatabaseSettings
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
@@ -277,6 +277,7 @@ class Config(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)  # SMTP AUTH (auth.settings)
     scan: ScanSettings = Field(default_factory=ScanSettings)
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    dkim: DkimSettings = Field(default_factory=DkimSettings)  # outbound signing (scan.settings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -310,6 +311,10 @@ class Config(_Section):
     @property
     def quarantine_path(self) -> Path:
         return self.state_path / "quarantine"
+
+    @property
+    def dkim_path(self) -> Path:
+        return self.state_path / "dkim"
 
     @property
     def events_path(self) -> Path:

@@ -34,6 +34,7 @@ from mailwarden.policy.engine import Policy
 from mailwarden.quarantine.store import Quarantine
 from mailwarden.queue.scheduler import Scheduler
 from mailwarden.queue.spool import Spool
+from mailwarden.scan.dkimsign import DkimSigner
 from mailwarden.scan.factory import build_engine, scanner_labels, scanning_notice
 from mailwarden.smtp.content import ContentFilter
 from mailwarden.smtp.server import SmtpServer
@@ -118,7 +119,9 @@ async def _serve_worker(
     needs_tls = any(li.tls != "none" for li in cfg.listener)
     ctx = server_context(cfg) if needs_tls else None
     quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
-    content = ContentFilter(build_engine(cfg.scan), quarantine, cfg.gateway.hostname)
+    engine = build_engine(cfg.scan, cfg.dns, cfg.gateway.hostname)
+    signer = DkimSigner(cfg.dkim, cfg.dkim_path) if cfg.dkim.sign else None
+    content = ContentFilter(engine, quarantine, cfg.gateway.hostname, signer)
     # SMTP AUTH (SU-8) for the submission listeners; one service (and counters) per worker.
     auth = build_auth_service(cfg) if any(li.submission for li in cfg.listener) else None
     servers = [

@@ -35,6 +35,7 @@ _COMMANDS = (
     "user_cmd",
     "senders_cmd",
     "blocks_cmd",
+    "dkim_cmd",
 )
 
 

@@ -14,7 +14,7 @@ strips control characters from anything quoted back into a symbol.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from mailwarden.core.types import Direction, EnvelopeSnapshot, Symbol
@@ -36,6 +36,9 @@ class ScanInput:
     recipients: tuple[str, ...] = ()
     direction: Direction = Direction.INBOUND
     auth_user: str | None = None
+    # Header fields a scanner asks to prepend when the message is delivered (the
+    # ``Authentication-Results`` of ``scan.mailauth``); appended to, never rebound.
+    headers: list[tuple[str, str]] = field(default_factory=list, compare=False)
 
     @staticmethod
     def from_snapshot(raw: bytes, snap: EnvelopeSnapshot) -> ScanInput:

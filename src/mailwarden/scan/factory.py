@@ -1,8 +1,10 @@
 """Build the scanners and the verdict engine from ``ScanSettings``; say what is running.
 
-``build_scanners(settings)`` returns the configured backends: ClamAV when
-``clamav.socket`` is set, rspamd when ``rspamd.url`` is set, the built-in scanner unless
-disabled. ``build_engine(settings)`` wraps them in a ``VerdictEngine``.
+``build_scanners(settings, dns=None, hostname="")`` returns the configured backends: ClamAV
+when ``clamav.socket`` is set, rspamd when ``rspamd.url`` is set, the built-in scanner
+unless disabled, mail authentication (``scan.mailauth``) when ``mailauth.enabled`` and the
+``[dns]`` section is given (it queries ``dns.nameservers``). ``build_engine(settings, ...)``
+wraps them in a ``VerdictEngine``.
 ``scanning_notice(settings)`` is the line for ``mailwarden status`` and the startup banner
 when virus scanning is limited to the built-in signatures (``None`` when ClamAV is on).
 
@@ -13,6 +15,8 @@ Security: reads trusted settings only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mailwarden.scan.base import Scanner
 from mailwarden.scan.builtin import BuiltinScanner
 from mailwarden.scan.clamav import ClamdScanner
@@ -20,10 +24,15 @@ from mailwarden.scan.rspamd import RspamdScanner
 from mailwarden.scan.settings import ScanSettings
 from mailwarden.scan.verdict import VerdictEngine
 
+if TYPE_CHECKING:
+    from mailwarden.config import DNSConfig
+
 LIMITED_NOTICE = "virus scanning is limited (built-in signatures only)"
 
 
-def build_scanners(settings: ScanSettings) -> list[Scanner]:
+def build_scanners(
+    settings: ScanSettings, dns: DNSConfig | None = None, hostname: str = ""
+) -> list[Scanner]:
     scanners: list[Scanner] = []
     if settings.clamav.socket:
         scanners.append(ClamdScanner(settings.clamav))
@@ -31,12 +40,26 @@ def build_scanners(settings: ScanSettings) -> list[Scanner]:
         scanners.append(RspamdScanner(settings.rspamd))
     if settings.builtin.enabled:
         scanners.append(BuiltinScanner(settings.builtin))
+    if settings.mailauth.enabled and dns is not None:
+        from mailwarden.scan.mailauth import MailAuthScanner  # pyspf, dkimpy: only when on
+
+        scanners.append(
+            MailAuthScanner(
+                settings.mailauth,
+                hostname or "localhost",
+                dns.nameservers,
+                dns.timeout,
+                scan_timeout=settings.timeout,
+            )
+        )
     return scanners
 
 
-def build_engine(settings: ScanSettings | None = None) -> VerdictEngine:
+def build_engine(
+    settings: ScanSettings | None = None, dns: DNSConfig | None = None, hostname: str = ""
+) -> VerdictEngine:
     settings = settings or ScanSettings()
-    return VerdictEngine(build_scanners(settings), settings)
+    return VerdictEngine(build_scanners(settings, dns, hostname), settings)
 
 
 def scanner_labels(settings: ScanSettings) -> list[str]:
@@ -48,6 +71,8 @@ def scanner_labels(settings: ScanSettings) -> list[str]:
         labels.append(f"rspamd ({settings.rspamd.url})")
     if settings.builtin.enabled:
         labels.append("built-in (EICAR/GTUBE, attachments, archives, MIME)")
+    if settings.mailauth.enabled:
+        labels.append("mail authentication (SPF, DKIM, DMARC)")
     return labels
 
 

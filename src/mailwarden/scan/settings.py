@@ -21,7 +21,8 @@ Example (TOML)::
     RSPAMD_BAYES_SPAM = 4.0
 
 Public names: ``ScanAction`` (re-exported as ``scan.Action``), ``Thresholds``,
-``ClamavSettings``, ``RspamdSettings``, ``BuiltinSettings``, ``ScanSettings``.
+``ClamavSettings``, ``RspamdSettings``, ``BuiltinSettings``, ``MailAuthSettings``,
+``ScanSettings``, ``DkimSettings`` (the top-level ``[dkim]`` section: outbound signing).
 Security: operator-supplied (trusted) values, validated strictly: unknown keys are errors,
 so a misspelt safety setting is never silently ignored.
 """
@@ -138,11 +139,33 @@ class BuiltinSettings(_Section):
         return out
 
 
+class MailAuthSettings(_Section):
+    """[scan.mailauth]: inbound SPF, DKIM, DMARC (and ARC presence), see ``scan.mailauth``.
+
+    Off unless ``enabled = true``: every inbound message then costs DNS queries, so it is
+    switched on together with a resolver the operator trusts (``[dns] nameservers``, a
+    local validating resolver; the system resolver when that list is empty). Messages of
+    authenticated users and outbound messages are never checked.
+    """
+
+    enabled: bool = False
+    # Upper bound for all checks of one message (each DNS query is also bounded by
+    # [dns] timeout); what is unfinished by then is a TEMPERROR, never a failure.
+    timeout: Duration = 20.0
+    # Honour the sender domain's DMARC policy: p=reject -> 554 (DMARC_POLICY_REJECT),
+    # p=quarantine -> quarantine (DMARC_POLICY_QUARANTINE). Off: the DMARC result is
+    # only a scored symbol (DMARC_FAILED) and a header.
+    dmarc_enforce: bool = True
+    arc: bool = True  # note ARC sets (ARC_PRESENT); they are not validated
+
+
 def _default_forced() -> dict[str, ScanAction]:
     return {
         "ARCHIVE_BOMB": ScanAction.QUARANTINE,
         "RSPAMD_ACTION_REJECT": ScanAction.REJECT,
         "RSPAMD_ACTION_SOFT_REJECT": ScanAction.TEMPFAIL,
+        "DMARC_POLICY_REJECT": ScanAction.REJECT,
+        "DMARC_POLICY_QUARANTINE": ScanAction.QUARANTINE,
     }
 
 
@@ -165,6 +188,7 @@ class ScanSettings(_Section):
     clamav: ClamavSettings = Field(default_factory=ClamavSettings)
     rspamd: RspamdSettings = Field(default_factory=RspamdSettings)
     builtin: BuiltinSettings = Field(default_factory=BuiltinSettings)
+    mailauth: MailAuthSettings = Field(default_factory=MailAuthSettings)
 
     @field_validator("scores", "forced")
     @classmethod
@@ -180,3 +204,81 @@ class ScanSettings(_Section):
         if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 64:
             raise ValueError("subject_tag must be one short line without control characters")
         return value
+
+
+_DKIM_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$"
+)
+_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _default_signed_headers() -> list[str]:
+    return [
+        "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+        "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+        "in-reply-to", "references", "list-id", "list-unsubscribe", "list-unsubscribe-post",
+    ]  # fmt: skip
+
+
+class DkimSettings(_Section):
+    """[dkim]: DKIM signing of outbound mail (``scan.dkimsign``).
+
+    An outbound message is signed (rsa-sha256, relaxed/relaxed) when its From domain has
+    a key at ``state_dir/dkim/<domain>/<selector>.key`` (``mailwarden dkim keygen``) and
+    the domain is enabled: every domain with a key when ``domains`` is empty, else only
+    those listed.
+    """
+
+    sign: bool = True
+    selector: str = "mw1"
+    domains: list[str] = Field(default_factory=list)  # [] = every domain that has a key
+    selectors: dict[str, str] = Field(default_factory=dict)  # domain -> selector override
+    headers: list[str] = Field(default_factory=_default_signed_headers)
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _SELECTOR.match(value):
+            raise ValueError(f"not a DKIM selector (a DNS label): {value!r}")
+        return value
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, values: list[str]) -> list[str]:
+        out = []
+        for v in values:
+            v = v.strip().lower().rstrip(".")
+            if not _DKIM_DOMAIN.match(v):
+                raise ValueError(f"not a domain name: {v!r}")
+            out.append(v)
+        return out
+
+    @field_validator("selectors")
+    @classmethod
+    def _selectors(cls, values: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for d, sel in values.items():
+            d = d.strip().lower().rstrip(".")
+            sel = sel.strip().lower()
+            if not _DKIM_DOMAIN.match(d) or not _SELECTOR.match(sel):
+                raise ValueError(f"bad domain/selector pair: {d!r} = {sel!r}")
+            out[d] = sel
+        return out
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, values: list[str]) -> list[str]:
+        out = [v.strip().lower() for v in values]
+        if "from" not in out:
+            raise ValueError("the signed headers must include 'from' (RFC 6376 5.4)")
+        for v in out:
+            if not re.fullmatch(r"[a-z0-9-]{1,64}", v):
+                raise ValueError(f"not a header field name: {v!r}")
+        return out
+
+    def selector_for(self, domain: str) -> str:
+        return self.selectors.get(domain, self.selector)
+
+    def enabled_for(self, domain: str) -> bool:
+        return self.sign and (not self.domains or domain in self.domains)

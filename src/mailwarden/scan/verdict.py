@@ -14,7 +14,8 @@ first, in this order:
 4. otherwise the score against the direction's thresholds.
 
 The result is data: ``Verdict(action, score, symbols, reason, control, headers)``. The
-caller prepends ``verdict.headers`` (``render_headers``) and maps the action to a reply
+caller prepends ``verdict.headers`` (``render_headers``: the fields scanners put in
+``ScanInput.headers`` first, then ``X-Spam-*``) and maps the action to a reply
 (``Verdict.reply``). Every verdict emits the event ``scan.verdict`` (queue id, action,
 score, symbol names -- never message content).
 
@@ -28,6 +29,7 @@ header lines through them. A scanner that raises despite the contract is a ``*_F
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,6 +116,8 @@ class VerdictEngine:
         results = await asyncio.gather(*(self._run(s, msg) for s in self.scanners))
         found = [sym for syms in results for sym in syms]
         verdict = self.decide(found, msg.direction)
+        if msg.headers:  # a scanner's own header fields (Authentication-Results) go first
+            verdict = dataclasses.replace(verdict, headers=(*msg.headers, *verdict.headers))
         emit(
             "scan.verdict",
             queue_id=msg.queue_id or None,

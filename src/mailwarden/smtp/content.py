@@ -8,8 +8,10 @@ acts on the verdict:
 - ACCEPT / ADD_HEADER / TAG_SUBJECT: the untrusted copies of our headers are removed from
   the client's header section (``X-Spam-*``, ``X-Virus-Scanned``, and
   ``Authentication-Results`` claiming our host name, RFC 8601 section 5), our verdict
-  headers go in under our ``Received:``, the subject is tagged when asked, and the message
-  is queued; reply ``250 2.0.0``.
+  headers go in under our ``Received:`` (``Authentication-Results`` first when mail
+  authentication ran), the subject is tagged when asked, an OUTBOUND message is
+  DKIM-signed when its From domain has a key (``scan.dkimsign``, the signature on top),
+  and the message is queued; reply ``250 2.0.0``.
 - QUARANTINE: the message as received (no scan headers) goes to the quarantine, never to
   the queue; reply ``250 2.7.0`` naming the queue id (and the virus, when it is one).
 - REJECT: ``554 5.7.1``, nothing stored (the client bounces: no backscatter from us).
@@ -36,13 +38,14 @@ from typing import TYPE_CHECKING
 
 from mailwarden.core.controls import Control
 from mailwarden.core.events import emit
-from mailwarden.core.types import EnvelopeSnapshot
+from mailwarden.core.types import Direction, EnvelopeSnapshot
 from mailwarden.scan.base import ScanInput, is_virus
 from mailwarden.scan.settings import ScanAction
 from mailwarden.scan.verdict import Verdict, VerdictEngine, render_headers
 
 if TYPE_CHECKING:
     from mailwarden.quarantine.store import Quarantine
+    from mailwarden.scan.dkimsign import DkimSigner
     from mailwarden.smtp.server import MessageSink
 
 PIPELINE_GRACE = 5.0  # seconds on top of the scan timeout before the whole pipeline gives up
@@ -116,10 +119,17 @@ def tag_subject(header: bytes, tag: str) -> bytes:
 class ContentFilter:
     """Runs the verdict engine at the end of DATA and stores the message accordingly."""
 
-    def __init__(self, engine: VerdictEngine, quarantine: Quarantine | None, hostname: str) -> None:
+    def __init__(
+        self,
+        engine: VerdictEngine,
+        quarantine: Quarantine | None,
+        hostname: str,
+        signer: DkimSigner | None = None,
+    ) -> None:
         self.engine = engine
         self.quarantine = quarantine
         self.hostname = hostname
+        self.signer = signer
         self.timeout = engine.settings.timeout + PIPELINE_GRACE
 
     async def close(self) -> None:
@@ -158,6 +168,10 @@ class ContentFilter:
             if action is ScanAction.TAG_SUBJECT and verdict.subject_tag:
                 header = tag_subject(header, verdict.subject_tag)
             out = b"".join((data[:top], render_headers(verdict.headers), header, data[header_end:]))
+            if self.signer is not None and snap.direction is Direction.OUTBOUND:
+                signature = await self.signer.signature(out)
+                if signature is not None:
+                    out = signature + out
             queued = dataclasses.replace(snap, size=len(out))
             await sink.enqueue(queued, out)
             return Outcome(250, "2.0.0", f"Ok: queued as {qid}", True, queued, verdict)
