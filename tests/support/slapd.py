@@ -3,7 +3,9 @@
 ``Slapd(workdir, users={"alice": "pw", ...})`` writes a ``slapd.conf`` (mdb database under
 ``workdir/db``, suffix ``dc=example,dc=edu``), loads the base entries, a search service
 account and one ``inetOrgPerson`` per user under ``ou=people`` with ``slapadd`` (passwords as
-``{SSHA}`` hashes made by ``slappasswd``), and ``start()`` runs
+``{SSHA}`` hashes made by ``slappasswd``; ``aliases={"alice": ["a.smith@example.edu"]}`` adds
+``mailAlternateAddress`` values from a small test schema, ``mailrecipient.schema``), and
+``start()`` runs
 ``slapd -h ldap://127.0.0.1:PORT/ -f slapd.conf -d 0`` in its own process group, waiting until
 an anonymous root-DSE search answers. ``stop()`` terminates it; ``start()`` again restarts it
 on the same port with the same data.
@@ -36,6 +38,14 @@ SUFFIX = "dc=example,dc=edu"
 PEOPLE = f"ou=people,{SUFFIX}"
 SEARCH_DN = f"cn=mailwarden,ou=services,{SUFFIX}"
 SEARCH_PASSWORD = "search-secret-1"
+# mailAlternateAddress as campus directories have it (Sun/iPlanet OIDs), test use only.
+MAIL_RECIPIENT_SCHEMA = """\
+attributetype ( 2.16.840.1.113730.3.1.13 NAME 'mailAlternateAddress'
+  EQUALITY caseIgnoreIA5Match SUBSTR caseIgnoreIA5SubstringsMatch
+  SYNTAX 1.3.6.1.4.1.1466.115.121.1.26{256} )
+objectclass ( 2.16.840.1.113730.3.2.3 NAME 'mailRecipient' SUP top AUXILIARY
+  MAY mailAlternateAddress )
+"""
 
 
 def slapd_available() -> bool:
@@ -63,9 +73,16 @@ def ssha(password: str) -> str:
 class Slapd:
     """A private slapd with an mdb database of test users."""
 
-    def __init__(self, workdir: Path, users: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str],
+        port: int | None = None,
+        aliases: dict[str, list[str]] | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.users = dict(users)
+        self.aliases = {k: list(v) for k, v in (aliases or {}).items()}
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.workdir / "slapd.conf"
@@ -80,7 +97,10 @@ class Slapd:
     def _write_conf(self) -> None:
         schemas = ("core", "cosine", "nis", "inetorgperson")
         lines = [f"include {SCHEMA_DIR / s}.schema" for s in schemas]
+        extra = self.workdir / "mailrecipient.schema"
+        extra.write_text(MAIL_RECIPIENT_SCHEMA)
         lines += [
+            f"include {extra}",
             f"pidfile {self.workdir / 'slapd.pid'}",
             f"argsfile {self.workdir / 'slapd.args'}",
             "modulepath /usr/lib/ldap",
@@ -110,8 +130,11 @@ class Slapd:
             f"cn: mailwarden\nuserPassword: {ssha(SEARCH_PASSWORD)}\n",
         ]
         for uid, password in self.users.items():
+            aliases = self.aliases.get(uid, [])
+            extra = "objectClass: mailRecipient\n" if aliases else ""
+            extra += "".join(f"mailAlternateAddress: {a}\n" for a in aliases)
             entries.append(
-                f"dn: uid={uid},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: {uid}\n"
+                f"dn: uid={uid},{PEOPLE}\nobjectClass: inetOrgPerson\n{extra}uid: {uid}\n"
                 f"cn: {uid}\nsn: {uid}\nmail: {uid}@example.edu\n"
                 f"userPassword: {ssha(password)}\n"
             )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mailwarden.auth.base import Authenticator, AuthResult
@@ -35,7 +34,6 @@ from mailwarden.auth.throttle import (
     WindowCounter,
 )
 from mailwarden.core.events import emit
-from mailwarden.errors import ConfigError
 
 if TYPE_CHECKING:
     from mailwarden.config import Config
@@ -121,25 +119,15 @@ class AuthService:
             close()
 
 
-def _read_secret(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").strip("\r\n")
-    except OSError as exc:
-        raise ConfigError(
-            f"auth.ldap.bind_password_file: cannot read {path}: {exc.strerror}"
-        ) from exc
-
-
 def build_auth_service(cfg: Config, counter: WindowCounter | None = None) -> AuthService:
     """The configured backend behind an ``AuthService`` (opens the store for 'database')."""
     settings: AuthSettings = cfg.auth
     backend: Authenticator
     if settings.backend == "ldap":
         from mailwarden.auth.ldap import LdapAuthenticator
+        from mailwarden.auth.ldapconn import read_bind_password
 
-        ldap = settings.ldap
-        secret = _read_secret(ldap.bind_password_file) if ldap.bind_password_file else ""
-        backend = LdapAuthenticator(ldap, secret)
+        backend = LdapAuthenticator(settings.ldap, read_bind_password(settings.ldap))
     else:
         from mailwarden.auth.database import DatabaseAuthenticator
         from mailwarden.auth.passwords import Hasher

@@ -16,7 +16,7 @@ Example (TOML)::
 AUTH is only ever offered inside TLS on submission listeners; no setting changes that (SU-8).
 Every key is documented in ``docs/config.md``.
 
-Public names: ``AuthSettings``, ``LdapSettings``, ``Argon2Settings``.
+Public names: ``AuthSettings``, ``LdapSettings``, ``Argon2Settings``, ``check_filter``.
 Security: operator-supplied. An LDAP URL that would carry user passwords in clear text over
 the network (``ldap://`` to a non-loopback host without ``start_tls``) is refused; the search
 account's password is read from a file, never written in the config.
@@ -48,6 +48,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_filter(v: str, placeholder: str, example: str) -> str:
+    """``v`` if it is a parenthesised LDAP filter using ``placeholder`` (and no other braces).
+
+    The placeholder is later replaced by an ``escape_filter_chars``-escaped value only."""
+    if v.count(placeholder) < 1:
+        raise ValueError(f"ldap filter must contain {placeholder}, e.g. {example}")
+    rest = v.replace(placeholder, "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"ldap filter: only the placeholder {placeholder} may use braces")
+    if not (v.startswith("(") and v.endswith(")")) or v.count("(") != v.count(")"):
+        raise ValueError("ldap filter must be a parenthesised LDAP filter")
+    return v
+
+
 class LdapSettings(_Section):
     """[auth.ldap]: simple bind against a directory (search the DN, then bind as it)."""
 
@@ -77,14 +91,7 @@ class LdapSettings(_Section):
     @field_validator("filter")
     @classmethod
     def _filter(cls, v: str) -> str:
-        if v.count(_LOGIN_PLACEHOLDER) < 1:
-            raise ValueError("ldap filter must contain {login}, e.g. (uid={login})")
-        rest = v.replace(_LOGIN_PLACEHOLDER, "")
-        if "{" in rest or "}" in rest:
-            raise ValueError("ldap filter: only the placeholder {login} may use braces")
-        if not (v.startswith("(") and v.endswith(")")) or v.count("(") != v.count(")"):
-            raise ValueError("ldap filter must be a parenthesised LDAP filter")
-        return v
+        return check_filter(v, _LOGIN_PLACEHOLDER, "(uid={login})")
 
     @model_validator(mode="after")
     def _no_clear_text(self) -> LdapSettings:

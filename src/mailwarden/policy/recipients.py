@@ -4,9 +4,17 @@ A ``RecipientDirectory`` answers ``await lookup(address) -> Lookup`` (``KNOWN``,
 or ``TEMPFAIL``); ``peek(address)`` answers from memory without waiting, or None when only
 ``lookup`` can tell. Backends: ``AcceptAll`` (the embedded demo), ``StaticDirectory``
 (``[policy] recipients``), ``DatabaseDirectory`` (addresses of enabled users in the
-``users`` table, cached and reloaded when the table changes) and ``CalloutDirectory`` (an
-SMTP ``RCPT`` probe to the domain's downstream transport, see below). LDAP lookups belong
-to the AUTH module's LDAP code and are not wired here yet.
+``users`` table, cached and reloaded when the table changes), ``LdapDirectory`` (a search
+of the campus directory, see below) and ``CalloutDirectory`` (an SMTP ``RCPT`` probe to the
+domain's downstream transport, see below).
+
+``LdapDirectory`` searches ``[policy] ldap_base`` (default ``[auth.ldap] base``) with
+``ldap_filter`` where ``{address}`` is the address escaped per RFC 4515
+(``escape_filter_chars``), over the ``[auth.ldap]`` connection (``auth.ldapconn``: TLS rules,
+search account, timeouts) on a thread pool. An entry is KNOWN, none is UNKNOWN; a directory
+that is down, refuses the search or is slower than ``[auth.ldap] timeout`` is TEMPFAIL (451,
+never an accept). Answers are cached for ``ldap_positive_ttl`` / ``ldap_negative_ttl`` and
+concurrent lookups of one address share one search.
 
 ``CalloutDirectory`` caches positive and negative answers (``callout_positive_ttl`` /
 ``callout_negative_ttl``), probes an address at most once per TTL, coalesces concurrent
@@ -18,9 +26,11 @@ a harvester cannot use the gateway to amplify probes against campus servers.
 ``postmaster@`` of every hosted domain are always known (CP-R4, RFC 2142).
 
 Public names: ``Lookup``, ``RecipientDirectory``, ``AcceptAll``, ``StaticDirectory``,
-``DatabaseDirectory``, ``CalloutDirectory``, ``RecipientValidator``, ``ROLE_ACCOUNTS``.
+``DatabaseDirectory``, ``LdapDirectory``, ``CalloutDirectory``, ``RecipientValidator``,
+``ROLE_ACCOUNTS``.
 Security: addresses come from untrusted clients but have passed ``smtp.address``; a probe
-sends them only to the configured downstream server, never to an MX found by lookup.
+sends them only to the configured downstream server, never to an MX found by lookup; they
+reach an LDAP filter only escaped (``escape_filter_chars``), never verbatim.
 """
 
 from __future__ import annotations
@@ -32,17 +42,22 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from ldap3.utils.conv import escape_filter_chars  # type: ignore[import-untyped]
+
+from mailwarden.auth.ldapconn import LdapClient, LdapTempFail, read_bind_password
 from mailwarden.config import TransportSpec
 from mailwarden.core.events import emit
 from mailwarden.delivery.smtp_conn import SMTPConnection
 from mailwarden.errors import ConfigError
 from mailwarden.policy.counters import in_task
+from mailwarden.policy.settings import ADDRESS_PLACEHOLDER
 
 if TYPE_CHECKING:
     from mailwarden.config import Config
 
 ROLE_ACCOUNTS = frozenset({"abuse", "postmaster"})  # CP-R4, RFC 2142
 MAX_CALLOUT_CACHE = 100_000  # cached callout answers (LRU)
+MAX_LDAP_CACHE = 100_000  # cached LDAP answers (LRU)
 CALLOUT_HELO_FALLBACK = "mailwarden.invalid"
 
 
@@ -100,6 +115,111 @@ class DatabaseDirectory:
         return Lookup.KNOWN if address.lower() in self.addresses else Lookup.UNKNOWN
 
 
+class _AnswerCache:
+    """KNOWN / UNKNOWN answers per lower-cased address, each with its own TTL (LRU-capped).
+    A TEMPFAIL is never cached: the next lookup asks again."""
+
+    def __init__(self, positive_ttl: float, negative_ttl: float, max_entries: int) -> None:
+        self.ttls = {Lookup.KNOWN: positive_ttl, Lookup.UNKNOWN: negative_ttl}
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, tuple[Lookup, float]] = OrderedDict()
+
+    def get(self, key: str) -> Lookup | None:
+        hit = self._data.get(key)
+        if hit is None:
+            return None
+        result, expires = hit
+        if expires <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return result
+
+    def put(self, key: str, result: Lookup) -> None:
+        ttl = self.ttls.get(result)
+        if not ttl:
+            return
+        self._data[key] = (result, time.monotonic() + ttl)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+class LdapDirectory:
+    """Addresses that an LDAP search finds (``mail`` / ``mailAlternateAddress`` by default)."""
+
+    def __init__(
+        self,
+        client: LdapClient,
+        *,
+        base: str,
+        filter_template: str,
+        positive_ttl: float = 300.0,
+        negative_ttl: float = 60.0,
+        timeout: float | None = None,
+    ) -> None:
+        if ADDRESS_PLACEHOLDER not in filter_template:
+            raise ConfigError(f"[policy] ldap_filter must contain {ADDRESS_PLACEHOLDER}")
+        self.client = client
+        self.base = base
+        self.filter_template = filter_template
+        self._placeholder = ADDRESS_PLACEHOLDER
+        self.timeout = client.settings.timeout if timeout is None else timeout
+        self._cache = _AnswerCache(positive_ttl, negative_ttl, MAX_LDAP_CACHE)
+        self._inflight: dict[str, asyncio.Future[Lookup]] = {}
+        self.searches = 0  # searches sent (for tests and metrics)
+
+    def make_filter(self, address: str) -> str:
+        """The search filter for ``address`` (escaped per RFC 4515)."""
+        return self.filter_template.replace(self._placeholder, escape_filter_chars(address))
+
+    def peek(self, address: str) -> Lookup | None:
+        return self._cache.get(address.lower())
+
+    async def lookup(self, address: str) -> Lookup:
+        key = address.lower()
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:  # coalesce: wait for the search already running
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await in_task(self._search(key))
+        except BaseException:
+            fut.set_result(Lookup.TEMPFAIL)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        if not fut.done():
+            fut.set_result(result)
+        self._cache.put(key, result)
+        return result
+
+    async def _search(self, address: str) -> Lookup:
+        self.searches += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                entries = await self.client.run(
+                    self.client.search, self.base, self.make_filter(address), 1
+                )
+        except LdapTempFail as exc:
+            emit("policy.ldap_error", recipient=address, error=str(exc))
+            return Lookup.TEMPFAIL
+        except Exception as exc:  # LDAPException, OSError, timeout: undecided, never KNOWN
+            emit("policy.ldap_error", recipient=address, error=type(exc).__name__)
+            return Lookup.TEMPFAIL
+        return Lookup.KNOWN if entries else Lookup.UNKNOWN
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class CalloutDirectory:
     """Verification callout: ``MAIL FROM:<>`` + ``RCPT TO`` at the downstream server."""
 
@@ -127,23 +247,14 @@ class CalloutDirectory:
         self.timeout = timeout
         self.max_per_minute = max_per_minute
         self._sem = asyncio.Semaphore(max_concurrent)
-        self._cache: OrderedDict[str, tuple[Lookup, float]] = OrderedDict()
+        self._cache = _AnswerCache(positive_ttl, negative_ttl, MAX_CALLOUT_CACHE)
         self._inflight: dict[str, asyncio.Future[Lookup]] = {}
         self._budget_window = 0.0
         self._budget_used = 0
         self.probes = 0  # probes sent (for tests and metrics)
 
     def peek(self, address: str) -> Lookup | None:
-        key = address.lower()
-        hit = self._cache.get(key)
-        if hit is None:
-            return None
-        result, expires = hit
-        if expires <= time.monotonic():
-            del self._cache[key]
-            return None
-        self._cache.move_to_end(key)
-        return result
+        return self._cache.get(address.lower())
 
     async def lookup(self, address: str) -> Lookup:
         key = address.lower()
@@ -167,7 +278,7 @@ class CalloutDirectory:
             self._inflight.pop(key, None)
         if not fut.done():
             fut.set_result(result)
-        self._remember(key, result)
+        self._cache.put(key, result)  # a TEMPFAIL is not cached: the next lookup probes again
         return result
 
     def _take_budget(self) -> bool:
@@ -178,15 +289,6 @@ class CalloutDirectory:
             return False
         self._budget_used += 1
         return True
-
-    def _remember(self, key: str, result: Lookup) -> None:
-        ttl = {Lookup.KNOWN: self.positive_ttl, Lookup.UNKNOWN: self.negative_ttl}.get(result)
-        if not ttl:
-            return  # a TEMPFAIL is not cached: the next lookup probes again (budget permitting)
-        self._cache[key] = (result, time.monotonic() + ttl)
-        self._cache.move_to_end(key)
-        while len(self._cache) > MAX_CALLOUT_CACHE:
-            self._cache.popitem(last=False)
 
     async def _probe(self, address: str) -> Lookup:
         async with self._sem:
@@ -237,6 +339,7 @@ class RecipientValidator:
         self.database = database or DatabaseDirectory()
         static = StaticDirectory(p.recipients)
         accept = AcceptAll()
+        self.ldap: LdapDirectory | None = None  # one directory for every "ldap" domain
         self.directories: dict[str, RecipientDirectory] = {}
         for domain in cfg.gateway.hosted_domains:
             kind = p.directory.get(domain, p.default_directory)
@@ -246,6 +349,10 @@ class RecipientValidator:
                 self.directories[domain] = static
             elif kind == "database":
                 self.directories[domain] = self.database
+            elif kind == "ldap":
+                if self.ldap is None:
+                    self.ldap = _ldap_directory(cfg)
+                self.directories[domain] = self.ldap
             else:
                 spec = cfg.delivery.transport_for(domain)
                 if spec is None:
@@ -280,3 +387,26 @@ class RecipientValidator:
     @staticmethod
     def is_role(local: str) -> bool:
         return local.lower() in ROLE_ACCOUNTS
+
+    def close(self) -> None:
+        if self.ldap is not None:
+            self.ldap.close()
+
+
+def _ldap_directory(cfg: Config) -> LdapDirectory:
+    """The ``ldap`` directory over the ``[auth.ldap]`` connection."""
+    conn, p = cfg.auth.ldap, cfg.policy
+    base = p.ldap_base or conn.base
+    if not conn.url or not base:
+        raise ConfigError(
+            "[policy] directory 'ldap' needs [auth.ldap] url and a search base "
+            "([policy] ldap_base or [auth.ldap] base)"
+        )
+    client = LdapClient(conn, read_bind_password(conn), thread_prefix="mw-ldap-rcpt")
+    return LdapDirectory(
+        client,
+        base=base,
+        filter_template=p.ldap_filter,
+        positive_ttl=p.ldap_positive_ttl,
+        negative_ttl=p.ldap_negative_ttl,
+    )

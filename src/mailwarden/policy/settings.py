@@ -11,10 +11,11 @@ Example (TOML)::
     "10.1.2.3" = ["chem.example.edu"]      # [] = every hosted domain
     [policy.directory]                     # recipient directory per hosted domain
     "example.edu" = "static"
+    "dept.example.edu" = "ldap"            # connection from [auth.ldap], see ldap_*
 
-Public names: ``PolicySettings``, ``DirectoryKind``.
-Security: operator-supplied values, validated strictly (networks with ``ipaddress``);
-unknown keys are errors.
+Public names: ``PolicySettings``, ``DirectoryKind``, ``ADDRESS_PLACEHOLDER``.
+Security: operator-supplied values, validated strictly (networks with ``ipaddress``, the LDAP
+filter with ``auth.settings.check_filter``); unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mailwarden.auth.settings import check_filter
 from mailwarden.core.durations import Duration
 
-DirectoryKind = Literal["accept", "static", "database", "callout"]
+DirectoryKind = Literal["accept", "static", "database", "callout", "ldap"]
+ADDRESS_PLACEHOLDER = "{address}"
 
 
 def _network(text: str) -> str:
@@ -59,6 +62,11 @@ class PolicySettings(BaseModel):
     callout_max_concurrent: int = Field(default=10, ge=1)  # probes in flight per process
     callout_max_per_minute: int = Field(default=120, ge=1)  # new probes per minute per process
     callout_sender: str = ""  # MAIL FROM of probes; "" = <>
+    # The "ldap" directory: the connection is [auth.ldap] (url, TLS, bind_dn, timeout).
+    ldap_base: str = ""  # search base; "" = [auth.ldap] base
+    ldap_filter: str = "(|(mail={address})(mailAlternateAddress={address}))"
+    ldap_positive_ttl: Duration = 300.0  # an existing address is remembered this long
+    ldap_negative_ttl: Duration = 60.0  # an unknown address is remembered this long
 
     # -- directory-harvest defence (CP-E2) --
     harvest_soft_limit: int = Field(default=5, ge=0)  # invalid RCPTs before the tarpit
@@ -106,6 +114,11 @@ class PolicySettings(BaseModel):
                 raise ValueError(f"not an address: {a!r}")
             out.append(a.strip().lower())
         return out
+
+    @field_validator("ldap_filter")
+    @classmethod
+    def _ldap_filter(cls, v: str) -> str:
+        return check_filter(v, ADDRESS_PLACEHOLDER, "(mail={address})")
 
     @field_validator("directory")
     @classmethod

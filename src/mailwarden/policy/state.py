@@ -77,6 +77,7 @@ class PolicyState:
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self.counters.close()
+        self.recipients.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None
