@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailwarden.core.sqlite import enable_wal
+
 HELD = "held"  # stored, never delivered
 RELEASED = "released"  # handed to the spool by an operator
 VIRUS = "virus"  # held for malware: release-protected
@@ -183,9 +185,8 @@ class QuarantineIndex:
             isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db, BUSY_TIMEOUT_MS)
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         with self._lock:
             self._db.executescript(_SCHEMA)
 

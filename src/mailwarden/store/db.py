@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from mailwarden.core.sqlite import enable_wal
 from mailwarden.errors import StoreError
 from mailwarden.store.schema import (
     BLOCKS_SERIAL,
@@ -47,9 +48,8 @@ __all__ = ["SCHEMA_VERSION", "Store", "open_store"]
 
 def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        enable_wal(dbapi_conn, busy_ms)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; fine for WAL
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
