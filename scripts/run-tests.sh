@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Two test processes by default (one per core); MAILWARDEN_TEST_WORKERS=0 runs serially.
+export MAILWARDEN_REQUIRE_COMPONENTS=${MAILWARDEN_REQUIRE_COMPONENTS:-1}
 WORKERS=${MAILWARDEN_TEST_WORKERS:-2}
 XDIST=()
 [ "$WORKERS" != "0" ] && XDIST=(-n "$WORKERS")

@@ -16,13 +16,11 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 from tests.support.maildir import maildir_messages
-from tests.support.ports import LOOPBACK, free_port, wait_port
+from tests.support.ports import LOOPBACK, free_port, wait_greeting, wait_port
 from tests.support.procs import stop_group
 from tests.support.tmpdirs import owned_dir, poll, traversable
 
@@ -114,25 +112,12 @@ class DovecotLMTP:
         )
         try:
             wait_port(self.port, self.host, START_DEADLINE, self.proc)
-            self._wait_greeting()
+            wait_greeting(self.port, self.host, START_DEADLINE, "LMTP")
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"dovecot did not start: {exc}\n{self.diagnostics()}") from exc
         return self
 
-    def _wait_greeting(self) -> None:
-        end = time.monotonic() + START_DEADLINE
-        while True:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=5) as s:
-                    if s.recv(512).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError("no LMTP greeting")
-            time.sleep(0.1)
 
     def diagnostics(self) -> str:
         out = []

@@ -69,3 +69,20 @@ def wait_closed(port: int, host: str = LOOPBACK, deadline: float = 30.0) -> None
             return
         time.sleep(0.05)
     raise TimeoutError(f"{host}:{port} still accepts after {deadline} s")
+
+
+def wait_greeting(port: int, host: str = LOOPBACK, deadline: float = 30.0,
+                  what: str = "SMTP") -> None:
+    """Wait until a server on ``host:port`` answers with a ``220`` greeting, then QUIT."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=10) as s:
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError(f"no {what} greeting on {host}:{port}")
+        time.sleep(0.1)

@@ -29,14 +29,12 @@ import os
 import pwd
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 from tests.support.maildir import maildir_messages
-from tests.support.ports import LOOPBACK, free_port, wait_closed, wait_port
+from tests.support.ports import LOOPBACK, free_port, wait_closed, wait_greeting, wait_port
 from tests.support.procs import stop_group
 from tests.support.tmpdirs import owned_dir, poll, traversable
 
@@ -198,26 +196,13 @@ class PostfixInstance:
         )
         try:
             wait_port(self.port, self.host, START_DEADLINE, self.proc)
-            self._wait_greeting()
+            wait_greeting(self.port, self.host, START_DEADLINE, "SMTP")
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"postfix ({self.role}) did not start: {exc}\n"
                                f"{self.diagnostics()}") from exc
         return self
 
-    def _wait_greeting(self) -> None:
-        end = time.monotonic() + START_DEADLINE
-        while True:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=10) as s:
-                    if s.recv(512).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError("no SMTP greeting")
-            time.sleep(0.1)
 
     @property
     def running(self) -> bool:
