@@ -24,6 +24,7 @@ import pytest
 from tests.e2e.helpers import SWAKS
 from tests.support.gateway import Gateway, client_tls_context
 from tests.support.slapd import PEOPLE, SEARCH_DN, SEARCH_PASSWORD, Slapd, slapd_available
+from tests.support.tmpdirs import poll
 
 PASSWORD = "Gw-auth-pass-4821"
 NEW_PASSWORD = "Gw-auth-pass-9377"
@@ -208,6 +209,8 @@ def test_throttling_end_to_end(gateway_factory: Any) -> None:
     with pytest.raises(smtplib.SMTPServerDisconnected):
         c.noop()  # disconnected
     c.close()
+    # The gateway writes the last event after the client has seen the disconnect: wait for it.
+    poll(lambda: len(gateway.events("smtp.auth")) >= 4, 30, what="four smtp.auth events")
     results = [e["result"] for e in gateway.events("smtp.auth")]
     assert results == ["invalid", "invalid", "throttled", "disconnect"]
     assert gateway.events("smtp.auth")[0]["client"] == "127.0.0.1"

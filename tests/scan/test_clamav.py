@@ -193,7 +193,11 @@ async def test_stream_over_clamd_limit_is_fail(clamd_factory: Callable[..., Clam
     raw = with_attachment(bytes(range(256)) * 8192, "big.bin")  # 2 MB, base64 ~2.7 MB
     symbols = await scanner(c.address).scan(scan_input(raw))
     assert names(symbols) == ["CLAMAV_FAIL"]
-    assert "size limit" in symbols[0].detail
+    # clamd answers "INSTREAM size limit exceeded" and closes; when its close overtakes the
+    # upload, the socket reports the broken pipe before the reply can be read. Either way
+    # the message is not scanned and must fail closed, which is what is asserted.
+    detail = symbols[0].detail
+    assert "size limit" in detail or "connection failed" in detail, detail
 
 
 @pytest.mark.asyncio
