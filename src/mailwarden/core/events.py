@@ -113,6 +113,8 @@ class JsonLinesSink:
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        if not self._pending:  # cheap check first: called before every SMTP reply batch
+            return
         with self._lock:
             self._flush_locked()
 

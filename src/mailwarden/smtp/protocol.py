@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from mailwarden.core.events import emit
+from mailwarden.core.events import flush as flush_events
 from mailwarden.core.types import Action, Decision, Envelope, Session
 from mailwarden.smtp import commands
 from mailwarden.smtp.aio import Pending, run_eager
@@ -292,6 +293,9 @@ class SmtpProtocol(asyncio.Protocol):
             return
         out = self._out
         if out:
+            # The event log is written before the client sees the replies it records, so
+            # the evidence is never behind the wire (and a crash loses no answered event).
+            flush_events()
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self._close_after:
