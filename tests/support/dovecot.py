@@ -19,10 +19,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.support.maildir import maildir_messages
+from tests.support.maildir import MailboxReader
 from tests.support.ports import LOOPBACK, free_port, wait_greeting, wait_port
 from tests.support.procs import stop_group
-from tests.support.tmpdirs import owned_dir, poll, traversable
+from tests.support.tmpdirs import owned_dir, traversable
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "contrib" / "dovecot" / "dovecot-lmtp.conf.in"
@@ -45,8 +45,10 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
-class DovecotLMTP:
+class DovecotLMTP(MailboxReader):
     """A private Dovecot instance speaking LMTP on ``127.0.0.1:port``."""
+
+    mailbox_label = "Dovecot"
 
     def __init__(self, workdir: Path, users: list[str], port: int | None = None) -> None:
         self.workdir = Path(workdir)
@@ -138,16 +140,3 @@ class DovecotLMTP:
         self.stop()
 
     # Reading delivered mail ------------------------------------------------------------
-    def maildir(self, address: str) -> Path:
-        local, _, domain = address.lower().partition("@")
-        return self.mail_root / domain / local
-
-    def messages(self, address: str) -> list[bytes]:
-        return maildir_messages(self.maildir(address))
-
-    def wait_messages(self, address: str, count: int = 1, deadline: float = 60.0) -> list[bytes]:
-        return poll(
-            lambda: (m if len(m := self.messages(address)) >= count else None),
-            deadline,
-            what=f"{count} message(s) for {address} in Dovecot",
-        )

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.maildir import maildir_messages
+from tests.support.maildir import MailboxReader
 from tests.support.ports import LOOPBACK, free_port, wait_closed, wait_port
 from tests.support.procs import signal_group, stop_group
 from tests.support.tmpdirs import poll
@@ -95,8 +95,10 @@ def to_toml(cfg: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-class Gateway:
+class Gateway(MailboxReader):
     """One mailwarden gateway process with its config and state directory."""
+
+    mailbox_label = "the gateway's Maildir"
 
     def __init__(
         self,
@@ -314,19 +316,6 @@ class Gateway:
         )
 
     # The gateway's own Maildir delivery -------------------------------------------------
-    def maildir(self, address: str) -> Path:
-        local, _, domain = address.lower().partition("@")
-        return self.mail_root / domain / local
-
-    def messages(self, address: str) -> list[bytes]:
-        return maildir_messages(self.maildir(address))
-
-    def wait_messages(self, address: str, count: int = 1, deadline: float = 60.0) -> list[bytes]:
-        return poll(
-            lambda: (m if len(m := self.messages(address)) >= count else None),
-            deadline, interval=0.1,
-            what=f"{count} message(s) for {address} in the gateway's Maildir",
-        )
 
     # Queue CLI --------------------------------------------------------------------------
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

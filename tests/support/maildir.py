@@ -64,3 +64,28 @@ def body_of(raw: bytes) -> bytes:
         if i >= 0:
             return raw[i + len(sep) :]
     return b""
+
+
+class MailboxReader:
+    """Reading ``mail_root/<domain>/<localpart>/`` Maildirs, for fixtures that deliver there
+    (the gateway's Maildir transport, Dovecot, a Postfix downstream). A subclass sets
+    ``mail_root`` and names itself in ``mailbox_label`` (used in timeout messages)."""
+
+    mail_root: Path
+    mailbox_label = "Maildir"
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.lower().partition("@")
+        return self.mail_root / domain / local
+
+    def messages(self, address: str) -> list[bytes]:
+        return maildir_messages(self.maildir(address))
+
+    def wait_messages(self, address: str, count: int = 1, deadline: float = 60.0) -> list[bytes]:
+        from tests.support.tmpdirs import poll
+
+        return poll(
+            lambda: (m if len(m := self.messages(address)) >= count else None),
+            deadline,
+            what=f"{count} message(s) for {address} in {self.mailbox_label}",
+        )

@@ -33,7 +33,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
-from tests.support.maildir import maildir_messages
+from tests.support.maildir import MailboxReader
 from tests.support.ports import LOOPBACK, free_port, wait_closed, wait_greeting, wait_port
 from tests.support.procs import stop_group
 from tests.support.tmpdirs import owned_dir, poll, traversable
@@ -72,7 +72,7 @@ def make_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert, key
 
 
-class PostfixInstance:
+class PostfixInstance(MailboxReader):
     """One private Postfix: ``role`` is ``"downstream"`` or ``"upstream"``."""
 
     def __init__(
@@ -93,6 +93,7 @@ class PostfixInstance:
             raise ValueError("an upstream instance needs relay_port")
         self.workdir = Path(workdir)
         self.role = role
+        self.mailbox_label = f"Postfix {role}"
         self.host = LOOPBACK
         self.port = port or free_port()
         self.hostname = hostname or f"{role}.postfix.test"
@@ -292,19 +293,6 @@ class PostfixInstance:
              what=f"empty queue of postfix {self.role}")
 
     # Reading delivered mail (downstream) ----------------------------------------------
-    def maildir(self, address: str) -> Path:
-        local, _, domain = address.lower().partition("@")
-        return self.mail_root / domain / local
-
-    def messages(self, address: str) -> list[bytes]:
-        return maildir_messages(self.maildir(address))
-
-    def wait_messages(self, address: str, count: int = 1, deadline: float = 60.0) -> list[bytes]:
-        return poll(
-            lambda: (m if len(m := self.messages(address)) >= count else None),
-            deadline,
-            what=f"{count} message(s) for {address} in Postfix {self.role}",
-        )
 
 
 def downstream(

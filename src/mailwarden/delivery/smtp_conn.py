@@ -158,12 +158,7 @@ class SMTPConnection:
             command_timeout=command_timeout,
             data_timeout=data_timeout,
         )
-        try:
-            greeting = await conn.read_reply()
-        except BaseException:
-            conn.abort()
-            raise
-        return conn, greeting
+        return conn, await conn._greeting()
 
     @classmethod
     async def open_unix(
@@ -185,12 +180,15 @@ class SMTPConnection:
             command_timeout=command_timeout,
             data_timeout=data_timeout,
         )
+        return conn, await conn._greeting()
+
+    async def _greeting(self) -> Reply:
+        """Read the server's greeting; a connection that fails here is aborted."""
         try:
-            greeting = await conn.read_reply()
+            return await self.read_reply()
         except BaseException:
-            conn.abort()
+            self.abort()
             raise
-        return conn, greeting
 
     # Replies ---------------------------------------------------------------------------
     async def read_reply(self, timeout: float | None = None) -> Reply:
