@@ -5,9 +5,9 @@ Every message passes the verdict engine before ``250``: EICAR is quarantined wit
 (the client's forged ones removed), and a scanner that is down or stale fails closed with
 ``451`` -- nothing is queued, nothing delivered -- until it is back.
 
-Outbound: the embedded policy cannot mark a session outbound through SMTP yet (relay and
-AUTH are issue 3), so the outbound thresholds and outbound EICAR are tested one level down,
-on the content hook itself (tests/scan/test_pipeline.py).
+Outbound (an authenticated user and a registered server sending off campus, EICAR held
+under SU-5, the outbound thresholds) is in test_outbound.py; the content hook alone is
+tested in tests/scan/test_pipeline.py.
 
 Security: clamd, rspamd, the DNS server and the gateway listen on 127.0.0.1 only.
 """
