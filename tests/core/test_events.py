@@ -104,3 +104,24 @@ def test_close_writes_what_is_pending(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["pending"]
+
+
+def test_timestamps_are_rfc3339_milliseconds_and_follow_the_clock() -> None:
+    import json as _json
+
+    first = _json.loads(Event("a", {}, ts=1_700_000_000.1234).to_line())["ts"]
+    same_ms = _json.loads(Event("b", {}, ts=1_700_000_000.1239).to_line())["ts"]
+    later = _json.loads(Event("c", {}, ts=1_700_000_001.5).to_line())["ts"]
+    assert first == same_ms == "2023-11-14T22:13:20.123+00:00"
+    assert later == "2023-11-14T22:13:21.500+00:00"
+
+
+def test_clip_keeps_scalars_and_subclasses_of_str() -> None:
+    from enum import StrEnum
+
+    class Kind(StrEnum):
+        A = "a"
+
+    data = Event("x", {"n": 3, "f": 1.5, "b": True, "k": Kind.A, "t": ("x" * 5000, 1)}).to_json()
+    assert data["n"] == 3 and data["f"] == 1.5 and data["b"] is True and data["k"] == "a"
+    assert data["t"][0].endswith("[truncated]") and data["t"][1] == 1

@@ -77,3 +77,51 @@ def test_policy_crash_is_451_over_smtp(tmp_path: Path) -> None:
         assert c.cmd("DATA").startswith("554 5.5.1")  # the recipient was not taken
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("all", {"connect", "mail", "rcpt:hosted", "rcpt:role", "rcpt:relay"}),
+        ("notable", {"rcpt:role", "rcpt:relay"}),
+        ("refusals", {"rcpt:relay"}),
+    ],
+)
+def test_decision_events_modes(tmp_path: Path, mode: str, expected: set[str]) -> None:
+    """``decision_events``: every check, the refusals plus control-bearing accepts (the
+    default), or only the refusals."""
+    from mailwarden.config import default_config
+    from mailwarden.core.events import MemorySink, get_sink, set_sink
+    from mailwarden.core.types import Envelope, Session
+
+    cfg = default_config(
+        gateway={"hostname": "mx.test.example", "state_dir": str(tmp_path / "var")},
+        policy={"decision_events": mode},
+    )
+    policy = Policy(cfg)
+    sink, old = MemorySink(), get_sink()
+    set_sink(sink)
+
+    async def run() -> None:
+        s = Session("192.0.2.9", 1, "127.0.0.1", 25, "smtp")
+        env = Envelope("a@outside.example")
+        await policy.check_connect(s)
+        await policy.check_mail(s, env, "a@outside.example")
+        await policy.check_rcpt(s, env, "user@example.edu")  # hosted: plain accept
+        await policy.check_rcpt(s, env, "postmaster")  # role address: accept under CP-R4
+        await policy.check_rcpt(s, env, "x@elsewhere.example")  # relay: refused (SU-6)
+
+    try:
+        asyncio.run(run())
+    finally:
+        set_sink(old)
+    got = set()
+    for e in sink.events:
+        if e.name != "policy.decision":
+            continue
+        stage = e.fields["stage"]
+        if stage == "rcpt":
+            rcpt = e.fields["recipient"]
+            stage += ":" + {"user@example.edu": "hosted", "postmaster": "role"}.get(rcpt, "relay")
+        got.add(stage)
+    assert got == expected

@@ -3,8 +3,10 @@
 The first rule that does not answer CONTINUE decides; if none does, ``rules.FALLBACK``
 does (recipients: refused). A rule that raises, returns something that is not a
 ``Decision``, or takes longer than ``timeout`` seconds gives TEMPFAIL (451 4.3.0), never an
-accept (fail closed). Every decision is a ``policy.decision`` event (stage, action, reply,
-control; ``[policy] decision_events = "refusals"`` keeps only the non-accepts).
+accept (fail closed). Decisions are ``policy.decision`` events (stage, action, reply,
+control): by default (``[policy] decision_events = "notable"``) every refusal and every
+accept that names a control; ``"all"`` adds the plain accepts, ``"refusals"`` drops the
+accepts.
 
 The default table is issue 3's (``policy.relay.RelayRules`` over a ``PolicyState``):
 blocks and connection rate at connect, sender-login check at MAIL, relay control,
@@ -73,6 +75,7 @@ class Policy:
         self.rules: dict[Stage, tuple[Rule, ...]] = {s: tuple(r) for s, r in table.items()}
         self.timeout = timeout
         self.all_events = cfg.policy.decision_events == "all"
+        self.control_events = cfg.policy.decision_events == "notable"
         self._replies: dict[Decision, str] = {}
 
     async def start(self) -> None:
@@ -104,7 +107,11 @@ class Policy:
         decision = await self._decide(stage, session, envelope, value)
         if decision is POLICY_ERROR and stage is Stage.CONNECT:
             decision = CONNECT_ERROR
-        if self.all_events or decision.action not in _QUIET:
+        if (
+            self.all_events
+            or decision.action not in _QUIET
+            or (self.control_events and decision.control is not None)
+        ):
             self._event(stage, session, value, decision)
         return decision
 

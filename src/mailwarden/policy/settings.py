@@ -79,8 +79,10 @@ class PolicySettings(BaseModel):
     block_reply: Literal["421", "554"] = "554"
     honeypots: list[str] = Field(default_factory=list)  # any RCPT to these blocks at once
 
-    # -- events: "all" = one policy.decision per check; "refusals" = only non-accepts --
-    decision_events: Literal["all", "refusals"] = "all"
+    # -- events: "all" = one policy.decision per check; "notable" = refusals and accepts that
+    # name a control (relay for a registered server or user, role address); "refusals" =
+    # only non-accepts. A plain accept is already in smtp.accept. --
+    decision_events: Literal["all", "notable", "refusals"] = "notable"
 
     # -- counters shared by harvest defence and rate limits --
     counters: Literal["memory", "redis"] = "memory"
