@@ -1,7 +1,7 @@
 """Benchmark plumbing shared by the bench scripts: sink, load, latency probe, RSS sampler.
 
-Public names: ``Sink``, ``run_source``, ``LatencyProbe``, ``RssSampler``, ``free_port``,
-``wait_port``, ``percentile``.
+Public names: ``Sink``, ``run_source``, ``LatencyProbe``, ``RssSampler``, ``tree_pids``,
+``cpu_seconds``, ``free_port``, ``wait_port``, ``percentile``.
 Security: talks only to 127.0.0.1; runs Postfix's smtp-source/smtp-sink as argument lists,
 never through a shell. Every loop is bounded by a count and a deadline.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 _MESG = re.compile(rb"mesg=(\d+)")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MAX_TREE = 10_000  # processes walked in one process tree
 
 
 def free_port() -> int:
@@ -84,12 +86,20 @@ class Sink:
                 return when
         return None
 
-    def wait(self, target: int, deadline: float) -> float | None:
+    def wait(self, target: int, deadline: float, stall: float | None = None) -> float | None:
+        """Wait until the sink holds ``target`` messages; None after ``deadline`` seconds, or
+        after ``stall`` seconds without a new message (a refused message never arrives)."""
         end = time.monotonic() + deadline
+        last_count, last_change = self.count, time.monotonic()
         while time.monotonic() < end:
             when = self.reached(target)
             if when is not None:
                 return when
+            now = time.monotonic()
+            if self.count != last_count:
+                last_count, last_change = self.count, now
+            elif stall is not None and now - last_change > stall:
+                return None
             time.sleep(0.1)
         return None
 
@@ -101,16 +111,27 @@ class Sink:
             self.proc.kill()
 
 
-def run_source(port: int, messages: int, sessions: int, size: int, timeout: float) -> float:
-    """Run smtp-source against 127.0.0.1:port; return the seconds it took."""
+def run_source(
+    port: int,
+    messages: int,
+    sessions: int,
+    size: int,
+    timeout: float,
+    message_file: Path | None = None,
+) -> float:
+    """Run smtp-source against 127.0.0.1:port; return the seconds it took.
+
+    Without ``message_file`` smtp-source generates ``size`` bytes of payload; with it, every
+    message is that file (header and body, LF line ends; smtp-source adds CR and
+    dot-stuffs)."""
+    payload = ["-F", str(message_file)] if message_file is not None else ["-l", str(size)]
     start = time.monotonic()
     subprocess.run(
         [
             SMTP_SOURCE,
             "-s",
             str(sessions),
-            "-l",
-            str(size),
+            *payload,
             "-m",
             str(messages),
             "-f",
@@ -132,7 +153,9 @@ class LatencyProbe:
     """A client that runs one transaction every ``interval`` seconds during the load and
     records MAIL FROM .. final 250 latency (the load itself comes from smtp-source)."""
 
-    def __init__(self, port: int, interval: float = 0.05, limit: int = 5000) -> None:
+    def __init__(
+        self, port: int, interval: float = 0.05, limit: int = 5000, body: bytes | None = None
+    ) -> None:
         self.port = port
         self.interval = interval
         self.limit = limit
@@ -141,7 +164,7 @@ class LatencyProbe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         # 10 KB like the load, in 76-character lines (RFC 5321 allows at most 998).
-        self._body = b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
+        self._body = body or b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * 130
 
     def start(self) -> None:
         self._thread.start()
@@ -186,6 +209,34 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
+def tree_pids(root_pid: int) -> list[int]:
+    """``root_pid`` and its descendants alive now (at most ``MAX_TREE`` processes)."""
+    seen, todo = [], [root_pid]
+    while todo and len(seen) < MAX_TREE:
+        pid = todo.pop()
+        seen.append(pid)
+        todo.extend(_children(pid))
+    return seen
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of ``pid`` (all its threads, plus the children it
+    has reaped), in clock ticks; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is the state (field 3)
+    return sum(int(x) for x in fields[11:15])
+
+
+def cpu_seconds(root_pid: int) -> float:
+    """CPU seconds used so far by a process tree: the live processes' own time plus what
+    the processes they reaped used (Postfix's master reaps its smtpd/cleanup processes,
+    so their CPU stays in the total after they exit). Compare two readings."""
+    return sum(_cpu_ticks(p) for p in tree_pids(root_pid)) / CLK_TCK
+
+
 class RssSampler:
     """Samples the summed memory (PSS) of a process tree; keeps the peak (KiB)."""
 
@@ -197,17 +248,9 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _tree(self) -> list[int]:
-        seen, todo = [], [self.root_pid]
-        while todo and len(seen) < 10_000:
-            pid = todo.pop()
-            seen.append(pid)
-            todo.extend(_children(pid))
-        return seen
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(_pss_kib(p) for p in self._tree())
+            total = sum(_pss_kib(p) for p in tree_pids(self.root_pid))
             self.peak_kib = max(self.peak_kib, total)
             self._stop.wait(self.interval)
 

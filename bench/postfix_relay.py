@@ -3,6 +3,9 @@
 It accepts mail for one relay domain on a loopback port and forwards it to
 ``[127.0.0.1]:nexthop_port`` with Postfix's defaults otherwise (fsync before 250, default
 concurrency), from its own config/queue/data directories so the system Postfix is untouched.
+``milters`` (e.g. ``["inet:127.0.0.1:11332"]``) adds ``smtpd_milters`` with the settings a
+filtering relay uses: ``milter_default_action = tempfail`` (fail closed: a milter that is
+down or times out gets the client a 4xx), protocol 6, and the macros rspamd's milter needs.
 
 Public names: ``PostfixRelay``.
 Security: loopback only; no DNS (``smtp_dns_support_level = disabled``); chroot off.
@@ -21,12 +24,31 @@ SYSTEM_MASTER_CF = Path("/etc/postfix/master.cf")
 
 
 class PostfixRelay:
-    def __init__(self, root: Path, *, port: int, nexthop_port: int, relay_domain: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int,
+        nexthop_port: int,
+        relay_domain: str,
+        milters: list[str] | None = None,
+    ) -> None:
         self.root = root.resolve()
         self.conf = self.root / "etc"
         self.port = port
         self.nexthop_port = nexthop_port
         self.relay_domain = relay_domain
+        self.milters = list(milters or [])
+
+    def _milter_cf(self) -> str:
+        if not self.milters:
+            return ""
+        return f"""smtpd_milters = {", ".join(self.milters)}
+non_smtpd_milters =
+milter_default_action = tempfail
+milter_protocol = 6
+milter_mail_macros = i {{mail_addr}} {{client_addr}} {{client_name}} {{auth_authen}}
+"""
 
     def _main_cf(self) -> str:
         r = self.root
@@ -51,7 +73,7 @@ local_recipient_maps =
 biff = no
 maillog_file = {r}/log/maillog
 maillog_file_prefixes = {r}/log
-"""
+{self._milter_cf()}"""
 
     def _master_cf(self) -> str:
         out = []

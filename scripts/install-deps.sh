@@ -4,13 +4,15 @@
 # Idempotent: a second run finds every package with dpkg-query and does nothing (no network).
 # Run as root (make test / make run do); uses sudo when not root and sudo is available.
 # Security: runs apt-get as root. System services shipped by these packages (Postfix on
-# port 25, Dovecot, clamd, rspamd, Redis, PostgreSQL) are kept from starting during the
-# install by a temporary policy-rc.d; the tests start their own private instances.
+# port 25, Dovecot, clamd, clamav-milter, rspamd, Redis, PostgreSQL) are kept from starting
+# during the install by a temporary policy-rc.d; the tests and benchmarks start their own
+# private instances.
 set -euo pipefail
 
 PACKAGES=(
   postfix swaks dovecot-core dovecot-lmtpd clamav-daemon clamav-testfiles rspamd openssl
   redis-server postgresql slapd ldap-utils
+  clamav-milter  # bench/filtered_bench.py: Postfix's ClamAV milter
 )
 
 missing=()
