@@ -3,10 +3,12 @@ serve``) against a loopback authoritative DNS server serving the test zones.
 
 Inbound (clients bound to 127.0.0.x): SPF pass delivers with our Authentication-Results
 header and the forged one claiming our host name removed; a DMARC ``p=reject`` domain with
-SPF fail and no DKIM is refused ``554`` at end of DATA. Outbound (the registered server
-127.0.0.1 relaying to a non-hosted domain routed to the gateway's Maildir): the message is
-DKIM-signed with the key ``mailwarden dkim keygen`` made, and dkimpy verifies it against
-the DNS server.
+SPF fail and no DKIM is refused ``554`` at end of DATA; a message ARC-sealed by a forwarder
+whose key is in the zone is delivered with ``arc=pass``, the same message changed after
+sealing with ``arc=fail`` (delivered: a broken chain is scored, not refused).
+Outbound (the registered server 127.0.0.1 relaying to a non-hosted domain routed to the
+gateway's Maildir): the message is DKIM-signed with the key ``mailwarden dkim keygen``
+made, and dkimpy verifies it against the DNS server.
 
 Security: the gateway and the DNS server listen on 127.0.0.1 only.
 """
@@ -18,6 +20,7 @@ import smtplib
 from collections.abc import Callable, Iterator
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import dkim
 import dns.message
@@ -25,6 +28,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
+from mailwarden.scan.dkimsign import generate_key
 from tests.support.dnsserver import DNSServer
 from tests.support.gateway import Gateway
 from tests.support.ports import LOOPBACK
@@ -41,6 +45,7 @@ def zones() -> Iterator[DNSServer]:
             "_dmarc": {"TXT": ['"v=DMARC1; p=reject"']},
         },
         "example.edu": {"@": {"TXT": ['"v=spf1 ip4:127.0.0.1 -all"']}},
+        "forwarder.test": {"@": {"TXT": ['"v=spf1 -all"']}},
     }
     with DNSServer(data) as server:
         yield server
@@ -148,3 +153,40 @@ def test_outbound_mail_is_dkim_signed_and_verifies(
     assert dkim.verify(delivered, dnsfunc=dnsfunc)
     tampered = delivered.replace(b"minutes are attached", b"minutes are missing")
     assert not dkim.verify(tampered, dnsfunc=dnsfunc)
+
+
+def test_arc_chain_is_validated_and_a_broken_one_still_delivered(
+    gateway_factory: Callable[..., Gateway], zones: DNSServer, tmp_path: Path
+) -> None:
+    key, record = generate_key("forwarder.test", "arc1", tmp_path / "keys", bits=1024)
+    zones.set("arc1._domainkey.forwarder.test.", "TXT", "".join(re.findall(r'"[^"]*"', record)))
+    raw = b"Authentication-Results: forwarder.test; spf=pass smtp.mailfrom=sender.test\r\n"
+    raw += message("alice@sender.test")
+    arc_set = dkim.arc_sign(
+        raw, b"arc1", b"forwarder.test", key.read_bytes(), b"forwarder.test",
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )  # fmt: skip
+    sealed = b"".join(arc_set) + raw
+    gw = gateway_factory(nameserver=zones.nameserver, extra=MAILAUTH)
+    code, text = send(gw, "127.0.0.5", "alice@sender.test", RCPT, sealed)
+    assert code == 250, text
+    [delivered] = gw.wait_messages(RCPT)
+    [ours] = [v for v in header_fields(delivered, "Authentication-Results")
+              if v.startswith("mailwarden.test;")]
+    assert "arc=pass (i=1 d=forwarder.test) header.oldest-pass=0" in ours
+    assert "smtp.remote-ip=127.0.0.5" in ours and "dmarc=pass" in ours
+
+    tampered = sealed.replace(b"minutes are attached", b"minutes are elsewhere")
+    assert tampered != sealed
+    code, text = send(gw, "127.0.0.5", "alice@sender.test", RCPT, tampered)
+    assert code == 250 and text.startswith("2.0.0"), text
+    second = [m for m in gw.wait_messages(RCPT, 2) if b"minutes are elsewhere" in m]
+    assert len(second) == 1
+    [ours] = [v for v in header_fields(second[0], "Authentication-Results")
+              if v.startswith("mailwarden.test;")]
+    assert 'arc=fail (i=1 d=forwarder.test) reason="message signature i=1 did not verify"' in ours
+    results = [e["arc"] for e in gw.events("mailauth.result")]
+    assert results == ["pass", "fail"]
+    verdicts = [e for e in gw.events("scan.verdict")]
+    assert [v["action"] for v in verdicts] == ["accept", "accept"]
+    assert "ARC_PASS" in verdicts[0]["symbols"] and "ARC_FAILED" in verdicts[1]["symbols"]

@@ -72,7 +72,7 @@ def scanner_labels(settings: ScanSettings) -> list[str]:
     if settings.builtin.enabled:
         labels.append("built-in (EICAR/GTUBE, attachments, archives, MIME)")
     if settings.mailauth.enabled:
-        labels.append("mail authentication (SPF, DKIM, DMARC)")
+        labels.append("mail authentication (SPF, DKIM, DMARC, ARC)")
     return labels
 
 

@@ -1,4 +1,4 @@
-"""Inbound mail authentication: SPF, DKIM, DMARC (and ARC presence) as a scanner.
+"""Inbound mail authentication: SPF, DKIM, DMARC and ARC as a scanner.
 
 ``MailAuthScanner(settings, hostname, nameservers, dns_timeout)`` is the ``mailauth``
 scanner (symbol prefix ``MAILAUTH``). For an inbound message from a client that did not
@@ -20,7 +20,15 @@ authenticate it checks, concurrently and off the event loop (a small thread pool
   ``DMARC_POLICY_REJECT`` (forced REJECT by default), under ``p=quarantine``
   ``DMARC_POLICY_QUARANTINE`` (forced QUARANTINE), when ``dmarc_enforce`` is on; ``pct``
   is honoured by sampling, ``sp`` for subdomains;
-- ARC: ``ARC_PRESENT`` when the message carries an ARC set (not validated).
+- ARC (RFC 8617), when ``arc`` is on: a message without ARC fields is ``ARC_NA``
+  (``arc=none``); otherwise the whole chain is validated with dkimpy's ``ARC`` (every
+  ARC-Seal, the newest ARC-Message-Signature, the cv= sequence; at most
+  ``MAX_ARC_SETS`` sets, keys through the same resolver as DKIM) -> ``ARC_PASS``,
+  ``ARC_FAILED`` (broken seal or signature, changed message, a chain that already
+  failed, malformed or too many sets, no key) or ``ARC_TEMPERROR`` (DNS timeout or
+  SERVFAIL). A valid chain says only that the sealers' domains vouch for the hops, not
+  that they are trustworthy: it overrides no SPF/DKIM/DMARC result, ``ARC_PASS`` scores
+  0 and ``ARC_FAILED`` only a little (never a forced action by default).
 
 No symbol name ends in ``_FAIL``: that suffix means "a scanner failed, fail closed".
 A DNS timeout or SERVFAIL is a ``*_TEMPERROR`` symbol (score 0), never a failure, and no
@@ -30,16 +38,19 @@ DMARC policy is enforced on a temporary error; the whole check is bounded by
 content hook prepends to delivered mail, and into the event ``mailauth.result``.
 
 Public names: ``MailAuthScanner``, ``AuthOutcome``, ``DEFAULT_SCORES``,
-``MAX_DKIM_SIGNATURES``, ``aligned``, ``parse_dmarc``, ``from_domains``.
+``MAX_DKIM_SIGNATURES``, ``MAX_ARC_SETS``, ``aligned``, ``parse_dmarc``, ``from_domains``.
 Security: everything here is hostile: the message, its signatures, the envelope, and
 the DNS answers of the sender's zones. Work is bounded (signatures, records, time);
 values quoted into the header are restricted to a safe character set, so a message can
-not inject header lines or results through them. Queries only the configured resolvers.
+not inject header lines or results through them. dkimpy's own log lines (which quote
+the hostile fields) go to a logger that drops them. Queries only the configured resolvers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import random
 import re
 import time
@@ -52,6 +63,7 @@ from email.utils import getaddresses
 from typing import Any, TypeVar
 
 import authres
+import authres.arc
 import authres.dmarc
 import dkim
 import spf
@@ -63,6 +75,7 @@ from mailwarden.scan.base import ScanInput, clean_detail, fail_symbol
 from mailwarden.scan.settings import MailAuthSettings
 
 MAX_DKIM_SIGNATURES = 10  # signatures verified per message; more are ignored
+MAX_ARC_SETS = 10  # ARC sets validated per message (each one hashes the body); more = fail
 MAX_AUTH_THREADS = 16  # worker threads for the blocking libraries, per process
 MIN_DKIM_KEY_BITS = 1024  # RFC 8301: shorter RSA keys are not accepted
 ENGINE_GRACE = 2.0  # seconds the verdict engine waits beyond our own budget
@@ -89,7 +102,16 @@ DEFAULT_SCORES: dict[str, float] = {
     "DMARC_BAD_FROM": 3.0,
     "DMARC_POLICY_REJECT": 5.0,
     "DMARC_POLICY_QUARANTINE": 4.0,
-    "ARC_PRESENT": 0.0,
+    "ARC_PASS": 0.0,  # anyone can seal: an intact chain alone earns no trust
+    "ARC_FAILED": 1.0,
+    "ARC_NA": 0.0,
+    "ARC_TEMPERROR": 0.0,
+}
+_ARC_SYMBOL = {
+    "pass": "ARC_PASS",
+    "fail": "ARC_FAILED",
+    "none": "ARC_NA",
+    "temperror": "ARC_TEMPERROR",
 }
 
 _SPF_SYMBOL = {
@@ -115,6 +137,14 @@ _DKIM_REASONS: dict[type[Exception], str] = {
 
 T = TypeVar("T")
 
+# dkimpy logs verification errors with the hostile field values in them; drop them here
+# (the outcome carries a fixed reason instead).
+_QUIET = logging.getLogger("mailwarden.scan.mailauth.dkimpy")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+DnsFunc = Callable[..., "bytes | None"]
+
 
 @dataclass(slots=True)
 class DkimResult:
@@ -122,6 +152,16 @@ class DkimResult:
     domain: str = ""
     selector: str = ""
     reason: str = ""
+
+
+@dataclass(slots=True)
+class ArcResult:
+    result: str  # pass, fail, none, temperror
+    reason: str = ""
+    domain: str = ""  # d= of the newest ARC-Seal
+    selector: str = ""
+    sets: int = 0  # the newest instance (i=)
+    oldest_pass: int = 0  # RFC 8617 5.2: oldest instance whose AMS verifies, 0 = all do
 
 
 @dataclass(slots=True)
@@ -136,7 +176,8 @@ class AuthOutcome:
     dmarc: str = "none"
     dmarc_policy: str = ""
     from_domain: str = ""
-    arc: bool = False
+    arc: ArcResult = field(default_factory=lambda: ArcResult("none"))
+    client_ip: str = ""
 
 
 def safe_domain(value: str) -> str:
@@ -195,7 +236,7 @@ def _reason(text: str) -> str:
 
 
 class MailAuthScanner:
-    """SPF, DKIM, DMARC and ARC presence for inbound mail (see the module docstring)."""
+    """SPF, DKIM, DMARC and ARC for inbound mail (see the module docstring)."""
 
     name = "MAILAUTH"
 
@@ -240,7 +281,8 @@ class MailAuthScanner:
             dmarc=outcome.dmarc,
             dmarc_policy=outcome.dmarc_policy or None,
             from_domain=outcome.from_domain or None,
-            arc=outcome.arc,
+            arc=outcome.arc.result if self.settings.arc else None,
+            arc_domain=outcome.arc.domain or None,
         )
         return self.symbols(outcome)
 
@@ -248,7 +290,8 @@ class MailAuthScanner:
         """Run the checks for ``msg`` within the time budget."""
         end = msg.raw.find(b"\r\n\r\n")
         header = msg.raw if end < 0 else msg.raw[: end + 2]
-        out = AuthOutcome(arc=self.settings.arc and bool(_ARC_FIELD.search(header)))
+        out = AuthOutcome(client_ip=msg.client_ip)
+        has_arc = self.settings.arc and bool(_ARC_FIELD.search(header))
         froms = from_domains(header)
         out.from_domain = froms[0] if froms and len(set(froms)) == 1 else ""
         helo = safe_domain(msg.helo)
@@ -260,13 +303,16 @@ class MailAuthScanner:
         spf_job = self._run(self._spf, msg.client_ip, sender, msg.helo, self.budget)
         dkim_job = self._run(self._dkim, msg.raw)
         dmarc_job = self._run(self._dmarc_record, out.from_domain) if out.from_domain else None
-        jobs = [j for j in (spf_job, dkim_job, dmarc_job) if j is not None]
+        arc_job = self._run(self._arc, msg.raw) if has_arc else None
+        jobs = [j for j in (spf_job, dkim_job, dmarc_job, arc_job) if j is not None]
         await asyncio.wait(jobs, timeout=max(0.0, deadline - time.monotonic()))
 
         out.spf, out.spf_reason = _result(spf_job, ("temperror", "no SPF answer in time"))
         if not sender:
             out.spf, out.spf_reason = "none", "no sender domain"
         out.dkim = _result(dkim_job, [DkimResult("temperror", reason="no DKIM answer in time")])
+        if arc_job is not None:
+            out.arc = _result(arc_job, ArcResult("temperror", reason="no ARC answer in time"))
         if froms is None or not out.from_domain:
             out.dmarc = "permerror"
             return out
@@ -292,13 +338,9 @@ class MailAuthScanner:
         return (result if result in _SPF_SYMBOL else "permerror"), str(explanation)
 
     # -- DKIM ----------------------------------------------------------------------------
-    def _dkim(self, raw: bytes) -> list[DkimResult]:
-        try:
-            d = dkim.DKIM(raw, minkey=MIN_DKIM_KEY_BITS, timeout=self.resolver.timeout)
-        except dkim.DKIMException:
-            return [DkimResult("permerror", reason="message format")]
-        count = sum(1 for k, _ in d.headers if k.lower() == b"dkim-signature")
-        results = []
+    def _dnsfunc(self, no_key: list[bytes], temp: list[str]) -> DnsFunc:
+        """dkimpy's key lookup through our resolver; names without a key go to ``no_key``,
+        temporary DNS errors to ``temp`` (and raise ``dkim.DnsTimeoutError``)."""
 
         def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
             try:
@@ -306,12 +348,25 @@ class MailAuthScanner:
             except (UnicodeDecodeError, ValueError):
                 return None
             except DNSTempError as exc:
+                temp.append(str(exc))
                 raise dkim.DnsTimeoutError(str(exc)) from exc
             if not records:
                 no_key.append(name)
             return records[0] if records else None
 
+        return dnsfunc
+
+    def _dkim(self, raw: bytes) -> list[DkimResult]:
+        try:
+            d = dkim.DKIM(
+                raw, logger=_QUIET, minkey=MIN_DKIM_KEY_BITS, timeout=self.resolver.timeout
+            )
+        except dkim.DKIMException:
+            return [DkimResult("permerror", reason="message format")]
+        count = sum(1 for k, _ in d.headers if k.lower() == b"dkim-signature")
+        results = []
         no_key: list[bytes] = []
+        dnsfunc = self._dnsfunc(no_key, [])
         for idx in range(min(count, MAX_DKIM_SIGNATURES)):
             d.signature_fields = {}
             no_key.clear()
@@ -339,6 +394,51 @@ class MailAuthScanner:
             res.selector = safe_domain(_text(tags.get(b"s", b"")))
             results.append(res)
         return results
+
+    # -- ARC -----------------------------------------------------------------------------
+    def _arc(self, raw: bytes) -> ArcResult:
+        """Validate the ARC chain of ``raw`` (RFC 8617 5.2); called only when it has ARC
+        fields. Reasons are fixed texts: dkimpy's messages quote the hostile fields."""
+        no_key: list[bytes] = []
+        temp: list[str] = []
+        try:
+            arc = dkim.ARC(
+                raw, logger=_QUIET, minkey=MIN_DKIM_KEY_BITS, timeout=self.resolver.timeout
+            )
+            newest, _ = arc.sorted_arc_headers()
+            if newest > MAX_ARC_SETS:
+                return ArcResult("fail", f"more than {MAX_ARC_SETS} ARC sets", sets=newest)
+            cv, data, _why = arc.verify(dnsfunc=self._dnsfunc(no_key, temp))
+        except dkim.DKIMException:
+            return ArcResult("fail", "malformed ARC set")
+        except Exception as exc:  # hostile input the library did not expect
+            return ArcResult("fail", f"malformed ARC set ({type(exc).__name__})")
+        out = ArcResult("fail", sets=newest)
+        if data and isinstance(data[0], dict):
+            out.domain = safe_domain(_text(data[0].get("as-domain", b"")))
+            out.selector = safe_domain(_text(data[0].get("as-selector", b"")))
+        if cv == dkim.CV_Pass:
+            out.result = "pass"
+            out.oldest_pass = _oldest_pass(data, newest)
+        elif cv is None:  # an ARC-Seal says cv=fail: the chain was broken before us
+            out.reason = "the chain had already failed (cv=fail)"
+        elif cv == dkim.CV_None:  # ARC fields, but none with a usable instance tag
+            out.reason = "ARC fields without a valid instance"
+        elif len(data) < newest:  # a set was missing or malformed: verification stopped
+            out.reason = "malformed or incomplete ARC set"
+        elif temp:
+            out.result, out.reason = "temperror", "temporary DNS error for an ARC key"
+        elif no_key:
+            out.reason = "no key in DNS"
+        elif data and not data[0].get("ams-valid", False):
+            out.reason = f"message signature i={newest} did not verify"
+        else:
+            broken = [r for r in data if isinstance(r, dict) and not r.get("as-valid", False)]
+            if broken:
+                out.reason = f"seal i={int(broken[0]['instance'])} did not verify"
+            else:
+                out.reason = "malformed or inconsistent ARC sets"
+        return out
 
     # -- DMARC ---------------------------------------------------------------------------
     def _dmarc_record(self, domain: str) -> tuple[str, dict[str, str] | None, bool]:
@@ -425,8 +525,9 @@ class MailAuthScanner:
             add("DMARC_PERMERROR", out.from_domain)
         else:
             add("DMARC_NONE", out.from_domain)
-        if out.arc:
-            add("ARC_PRESENT")
+        if self.settings.arc:
+            name = _ARC_SYMBOL.get(out.arc.result, "ARC_FAILED")
+            add(name, f"{out.arc.domain} {out.arc.reason}".strip())
         return syms
 
     def header_value(self, out: AuthOutcome) -> str:
@@ -455,11 +556,47 @@ class MailAuthScanner:
         if out.dmarc_policy:
             dmarc_kw["policy"] = out.dmarc_policy
         results.append(authres.dmarc.DMARCAuthenticationResult(**dmarc_kw))
+        if self.settings.arc:
+            results.append(self._arc_result(out))
         parts = [self.hostname] + [str(r) for r in results]
         for p in parts:  # belt and braces: every value was filtered above
             if not all(32 <= ord(c) < 127 for c in p):
                 raise ValueError("unsafe Authentication-Results value")
         return ";\r\n\t".join(parts)
+
+    @staticmethod
+    def _arc_result(out: AuthOutcome) -> Any:
+        """The ``arc=`` clause (RFC 8617 section 4.1.1: none, pass or fail)."""
+        arc = out.arc
+        # No registered temperror for ARC: a chain we could not check is not a pass.
+        kw: dict[str, Any] = {"result": "fail" if arc.result == "temperror" else arc.result}
+        if arc.reason and arc.result != "pass":
+            kw["reason"] = _reason(arc.reason)
+        if arc.result != "none" and arc.sets:  # the newest seal, as a comment
+            kw["result_comment"] = f"i={arc.sets}" + (f" d={arc.domain}" if arc.domain else "")
+        if arc.result == "pass":
+            kw["header_oldest_pass"] = str(arc.oldest_pass)
+        ip = _safe_ip(out.client_ip)
+        if ip and arc.result != "none":
+            kw["smtp_remote_ip"] = ip
+        return authres.arc.ARCAuthenticationResult(**kw)
+
+
+def _oldest_pass(data: Sequence[Any], newest: int) -> int:
+    """The oldest instance from which on every ARC-Message-Signature verifies (0: all)."""
+    oldest = newest
+    for r in data:  # newest first
+        if not (isinstance(r, dict) and r.get("ams-valid")):
+            break
+        oldest = int(r["instance"])
+    return 0 if oldest <= 1 else oldest
+
+
+def _safe_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return ""
 
 
 def _result(fut: asyncio.Future[T] | None, default: T) -> T:

@@ -140,7 +140,7 @@ class BuiltinSettings(_Section):
 
 
 class MailAuthSettings(_Section):
-    """[scan.mailauth]: inbound SPF, DKIM, DMARC (and ARC presence), see ``scan.mailauth``.
+    """[scan.mailauth]: inbound SPF, DKIM, DMARC and ARC, see ``scan.mailauth``.
 
     Off unless ``enabled = true``: every inbound message then costs DNS queries, so it is
     switched on together with a resolver the operator trusts (``[dns] nameservers``, a
@@ -156,7 +156,9 @@ class MailAuthSettings(_Section):
     # p=quarantine -> quarantine (DMARC_POLICY_QUARANTINE). Off: the DMARC result is
     # only a scored symbol (DMARC_FAILED) and a header.
     dmarc_enforce: bool = True
-    arc: bool = True  # note ARC sets (ARC_PRESENT); they are not validated
+    # Validate ARC chains (RFC 8617): ARC_PASS / ARC_FAILED / ARC_NA / ARC_TEMPERROR and
+    # an arc= clause in Authentication-Results. Scored only, never a forced action.
+    arc: bool = True
 
 
 def _default_forced() -> dict[str, ScanAction]:
