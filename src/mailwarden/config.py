@@ -13,6 +13,7 @@ typo is an error, never a silently ignored safety setting).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -143,29 +144,8 @@ class TransportSpec(BaseModel):
 
     @staticmethod
     def parse(text: str) -> TransportSpec:
-        m = _TRANSPORT.match(text.strip())
-        if not m:
-            raise ValueError(
-                f"unknown transport {text!r}: use smtp:HOST:PORT, lmtp:HOST:PORT, "
-                "lmtp:unix:PATH, maildir[:DIR], mx or discard"
-            )
-        kind = cast(TransportKind, m.group(1))
-        arg = m.group(2) or ""
-        if kind in ("smtp", "lmtp"):
-            if kind == "lmtp" and arg.startswith("unix:"):
-                return TransportSpec(kind=kind, path=arg[5:])
-            hm = re.match(r"^\[?([^\[\]]+?)\]?:(\d{1,5})$", arg)
-            if not hm:
-                raise ValueError(f"transport {text!r} needs HOST:PORT (IPv6 as [addr]:port)")
-            port = int(hm.group(2))
-            if not 0 < port < 65536:
-                raise ValueError(f"transport {text!r}: port out of range")
-            return TransportSpec(kind=kind, host=hm.group(1), port=port)
-        if kind == "maildir":
-            return TransportSpec(kind=kind, path=arg)
-        if arg:
-            raise ValueError(f"transport {kind!r} takes no argument")
-        return TransportSpec(kind=kind)
+        """The spec of ``text`` (cached: the router asks for every delivery)."""
+        return _parse_transport(text)
 
     def __str__(self) -> str:
         if self.kind in ("smtp", "lmtp"):
@@ -185,6 +165,33 @@ def _transport_text(value: str) -> str:
 
 DomainKey = Annotated[str, AfterValidator(_domain)]
 TransportText = Annotated[str, AfterValidator(_transport_text)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_transport(text: str) -> TransportSpec:
+    m = _TRANSPORT.match(text.strip())
+    if not m:
+        raise ValueError(
+            f"unknown transport {text!r}: use smtp:HOST:PORT, lmtp:HOST:PORT, "
+            "lmtp:unix:PATH, maildir[:DIR], mx or discard"
+        )
+    kind = cast(TransportKind, m.group(1))
+    arg = m.group(2) or ""
+    if kind in ("smtp", "lmtp"):
+        if kind == "lmtp" and arg.startswith("unix:"):
+            return TransportSpec(kind=kind, path=arg[5:])
+        hm = re.match(r"^\[?([^\[\]]+?)\]?:(\d{1,5})$", arg)
+        if not hm:
+            raise ValueError(f"transport {text!r} needs HOST:PORT (IPv6 as [addr]:port)")
+        port = int(hm.group(2))
+        if not 0 < port < 65536:
+            raise ValueError(f"transport {text!r}: port out of range")
+        return TransportSpec(kind=kind, host=hm.group(1), port=port)
+    if kind == "maildir":
+        return TransportSpec(kind=kind, path=arg)
+    if arg:
+        raise ValueError(f"transport {kind!r} takes no argument")
+    return TransportSpec(kind=kind)
 
 
 class DeliveryConfig(_Section):
