@@ -37,6 +37,8 @@ test: $(STAMP) sysdeps lint typecheck
 	bash scripts/run-tests.sh
 
 bench: $(STAMP) sysdeps
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/edge_bench.py
 	$(BIN)/python bench/relay_bench.py
 
 clean:
