@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import httpx
 import pytest
 
 from mailwarden.core.events import MemorySink
@@ -25,6 +24,7 @@ from mailwarden.scan import (
 from mailwarden.scan.rspamd import parse_result, request_headers
 from mailwarden.scan.settings import ClamavSettings, RspamdSettings
 from tests.scan.messages import gtube, ham, plain, scan_input
+from tests.scan.test_httpclient import reply_with, serving
 from tests.support.clamd import Clamd
 from tests.support.rspamd import LoopbackDNS, Rspamd
 
@@ -110,12 +110,12 @@ async def test_rspamd_stopped_tempfails_then_recovers(
     ],
 )
 async def test_garbage_replies_are_fail(status: int, body: bytes) -> None:
-    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
-    s = RspamdScanner(RspamdSettings(url="http://127.0.0.1:9"), transport=transport)
-    try:
-        verdict = await VerdictEngine([s]).judge(scan_input(ham()))
-    finally:
-        await s.aclose()
+    async with serving(lambda request: reply_with(status, body)) as (_, url):
+        s = RspamdScanner(RspamdSettings(url=url))
+        try:
+            verdict = await VerdictEngine([s]).judge(scan_input(ham()))
+        finally:
+            await s.aclose()
     assert verdict.symbol_names == ["RSPAMD_FAIL"]
     assert verdict.action is Action.TEMPFAIL
 
