@@ -550,7 +550,8 @@ def _median(results: list[Result]) -> Result:
 def _line(r: Result) -> str:
     d = r.daemon_cpu_ms
     return (
-        f"{r.system:<10} accept {r.accepted_per_s:6.0f}/s  e2e {r.end_to_end_per_s:6.0f}/s  "
+        f"{r.system:<10} n={r.measured} accept {r.accepted_per_s:6.0f}/s  "
+        f"e2e {r.end_to_end_per_s:6.0f}/s  "
         f"p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:7.1f} ms  pss {r.peak_pss_mib:5.0f} MiB  "
         f"cpu/msg own {r.own_cpu_ms:.2f} ms, clamd {d['clamd']:.2f}, rspamd {d['rspamd']:.2f}, "
         f"milter {d['clamav-milter']:.2f}  (load {r.load_before:.1f}->{r.load_after:.1f})"
