@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import io
 import tarfile
@@ -197,3 +198,109 @@ def test_bad_sha256_list() -> None:
     s = BuiltinScanner(BuiltinSettings(bad_sha256=[hashlib.sha256(data).hexdigest()]))
     got = asyncio.run(s.scan(scan_input(with_attachment(data, "x.bin"))))
     assert names(got) == ["BUILTIN_VIRUS"]
+
+
+# --- the fast path: one text part, no MIME parser -------------------------------------------
+
+
+def qp_text(body: bytes) -> bytes:
+    """A quoted-printable text message whose soft line breaks split ``body`` in two."""
+    half = len(body) // 2
+    encoded = body[:half] + b"=\r\n" + body[half:]
+    return (
+        b"From: a@example.org\r\nTo: b@example.edu\r\nSubject: qp\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encoded + b"\r\n"
+    )
+
+
+class ParseSpy:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import mailwarden.scan.builtin as builtin
+
+        self.calls = 0
+        real = builtin.parse
+
+        def spy(raw: bytes) -> object:
+            self.calls += 1
+            return real(raw)
+
+        monkeypatch.setattr(builtin, "parse", spy)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(plain(eicar()), ["BUILTIN_VIRUS"], id="eicar-plain"),
+        pytest.param(qp_text(eicar().replace(b"=", b"=3D")), ["BUILTIN_VIRUS"], id="eicar-qp"),
+        pytest.param(plain(gtube()), ["GTUBE"], id="gtube-plain"),
+        pytest.param(qp_text(gtube()), ["GTUBE"], id="gtube-qp"),
+        pytest.param(plain("MZ is how this text starts\n"), ["ATTACH_EXECUTABLE"], id="mz-body"),
+        pytest.param(ham(), [], id="ham"),
+    ],
+)
+def test_fast_path_catches_test_strings_without_the_parser(
+    raw: bytes, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailwarden.scan.mime import single_text_part
+
+    assert single_text_part(raw) is not None
+    spy = ParseSpy(monkeypatch)
+    got = scan_message(raw)
+    assert names(got) == expected and spy.calls == 0
+    assert got == scan_message(raw, fast=False)  # the same findings, details and all
+
+
+def test_qp_split_eicar_is_only_visible_decoded() -> None:
+    raw = qp_text(eicar().replace(b"=", b"=3D"))
+    assert eicar() not in raw
+    assert "BUILTIN_VIRUS" in names(scan_message(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(with_attachment(b"harmless", "a.txt", "text/plain"), id="attachment"),
+        pytest.param(with_attachment(eicar(), "e.com"), id="base64-attachment"),
+        pytest.param(
+            b"From: a@b\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; "
+            b'filename="x.js"\r\n\r\nalert(1)\r\n',
+            id="disposition",
+        ),
+        pytest.param(
+            b'From: a@b\r\nContent-Type: text/plain; name="run.vbs"\r\n\r\nx\r\n', id="ct-name"
+        ),
+        pytest.param(
+            b"From: a@b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.b64encode(b"hello")
+            + b"\r\n",
+            id="base64-text",
+        ),
+        pytest.param(
+            b"From: a@b\r\nContent-Type: text/plain\r\nContent-Type: text/html\r\n\r\nx\r\n",
+            id="duplicate-ct",
+        ),
+        pytest.param(b" continuation first\r\nFrom: a@b\r\n\r\nbody\r\n", id="bad-header"),
+        pytest.param(b"From: a@b\nSubject: bare LF\n\nbody\n", id="bare-lf"),
+        pytest.param(b"From: a@b\r\nContent-Type: image/png\r\n\r\nx\r\n", id="not-text"),
+    ],
+)
+def test_anything_but_one_plain_text_part_gets_the_full_parse(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailwarden.scan.mime import single_text_part
+
+    assert single_text_part(raw) is None
+    spy = ParseSpy(monkeypatch)
+    got = scan_message(raw)
+    assert spy.calls == 1
+    assert got == scan_message(raw, fast=False)
+
+
+def test_attachment_findings_still_come_from_the_full_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = ParseSpy(monkeypatch)
+    raw = with_attachment(zip_of({"tools/helper.exe": PE}), "tools.zip")
+    assert names(scan_message(raw)) == ["ATTACH_DANGEROUS_NAME", "ATTACH_EXECUTABLE"]
+    assert spy.calls == 1

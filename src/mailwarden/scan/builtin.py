@@ -17,10 +17,18 @@ daemon is configured, and always on as a second line). Per message it adds:
 
 Symbols of one name are reported once, with the places in the detail.
 
-Public names: ``BuiltinScanner``, ``scan_message``, ``DANGEROUS_EXTENSIONS``.
+Cost: a message that byte checks show to be one text part without attachments
+(``scan.mime.single_text_part``) skips the MIME parser -- its one part gets exactly the
+checks the parser's part would get. Messages up to ``INLINE_MAX`` are scanned on the event
+loop, up to ``OFFLOAD_MIN`` in a thread, larger ones in a process pool (``scan.offload``,
+started on first use, ``POOL_WORKERS`` processes), so a 30 MB message never stalls the
+other sessions. A pool worker that dies or is killed (timeout) is ``BUILTIN_FAIL``: the
+message is tempfailed, never delivered unscanned.
+
+Public names: ``BuiltinScanner``, ``scan_message``, ``DANGEROUS_EXTENSIONS``,
+``INLINE_MAX``, ``OFFLOAD_MIN``.
 Security: all content is hostile: only byte comparisons, hashing and bounded decompression,
-nothing is executed or written. Messages above ``INLINE_MAX`` are scanned in a worker
-thread so the event loop keeps serving other sessions.
+nothing is executed or written.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from collections.abc import Iterable
 from mailwarden.core.types import Symbol
 from mailwarden.scan.archive import Budget, archive_kind, expand
 from mailwarden.scan.base import ScanInput, clean_detail, fail_symbol
-from mailwarden.scan.mime import parse
+from mailwarden.scan.mime import parse, single_text_part
+from mailwarden.scan.offload import POOL_WORKERS, PoolError, ScanPool
 from mailwarden.scan.settings import BuiltinSettings
 
 NAME = "BUILTIN"
-INLINE_MAX = 256 * 1024  # messages up to this size are scanned on the event loop
+INLINE_MAX = 256 * 1024  # messages up to this size are scanned on the event loop ...
+OFFLOAD_MIN = 1024 * 1024  # ... above this in a worker process, in between in a thread
 MAX_PLACES = 5  # places (part paths, file names) quoted per symbol
 
 # Assembled at import so this source file itself carries neither test string.
@@ -160,8 +170,10 @@ def _check_object(
         _check_content(content, path, found, bad)
 
 
-def scan_message(raw: bytes, bad_sha256: Iterable[str] = ()) -> list[Symbol]:
-    """All built-in findings for one wire-format message (pure, CPU only)."""
+def scan_message(raw: bytes, bad_sha256: Iterable[str] = (), *, fast: bool = True) -> list[Symbol]:
+    """All built-in findings for one wire-format message (pure, CPU only).
+
+    ``fast=False`` always runs the MIME parser (the tests compare both ways)."""
     bad = frozenset(bad_sha256)
     found = _Findings()
     budget = Budget()
@@ -169,6 +181,11 @@ def scan_message(raw: bytes, bad_sha256: Iterable[str] = ()) -> list[Symbol]:
         found.add("BUILTIN_VIRUS", "EICAR-Test-File in message")
     if GTUBE in raw:
         found.add("GTUBE", "message")
+    single = single_text_part(raw) if fast else None
+    if single is not None:
+        place = clean_detail(f"part {single.path} ({single.content_type})", 80)
+        _check_object(None, single.payload, place, found, bad, budget)
+        return found.symbols() + budget.findings
     tree = parse(raw)
     for part in tree.parts():
         label = part.filename or f"part {part.path} ({part.content_type})"
@@ -184,15 +201,26 @@ class BuiltinScanner:
 
     name = NAME
 
-    def __init__(self, settings: BuiltinSettings | None = None) -> None:
+    def __init__(
+        self, settings: BuiltinSettings | None = None, pool_workers: int = POOL_WORKERS
+    ) -> None:
         self.settings = settings or BuiltinSettings()
         self.timeout = self.settings.timeout
         self._bad = tuple(self.settings.bad_sha256)
+        self.pool = ScanPool(pool_workers)
 
     async def scan(self, msg: ScanInput) -> list[Symbol]:
+        raw = msg.raw
         try:
-            if len(msg.raw) <= INLINE_MAX:
-                return scan_message(msg.raw, self._bad)
-            return await asyncio.to_thread(scan_message, msg.raw, self._bad)
+            if len(raw) <= INLINE_MAX:
+                return scan_message(raw, self._bad)
+            if len(raw) <= OFFLOAD_MIN:
+                return await asyncio.to_thread(scan_message, raw, self._bad)
+            return await self.pool.run(scan_message, raw, self._bad)
+        except PoolError as exc:
+            return [fail_symbol(NAME, str(exc))]
         except (MemoryError, RecursionError, Exception) as exc:  # never raise (contract)
             return [fail_symbol(NAME, f"{type(exc).__name__}: {exc}")]
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()

@@ -16,8 +16,10 @@ memory stays proportional to the message (the parser holds it once, plus one dec
 
 from __future__ import annotations
 
+import binascii
 import email.parser
 import email.policy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
@@ -26,6 +28,12 @@ MAX_PARTS = 500  # leaf parts examined per message; more is a defect
 MAX_DEPTH = 20  # multipart / message/rfc822 nesting; deeper is a defect
 MAX_HEADER_LINE = 998  # RFC 5322 hard line limit (without CRLF)
 _SINGLETON_HEADERS = ("content-type", "content-transfer-encoding", "mime-version")
+FAST_HEAD_MAX = 64 * 1024  # a header section longer than this always takes the full parse
+# A header section the stdlib parser reads without a defect: field lines (name, colon) and
+# their continuations, CRLF line ends only, then the empty line.
+_HEADER_SECTION = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+\r\n")
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
+_IDENTITY_CTE = frozenset({"", "7bit", "8bit", "binary"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,55 @@ def parse(raw: bytes) -> MimeTree:
     except (RecursionError, ValueError, TypeError, LookupError, AssertionError) as exc:
         tree.defects.append(f"Unparseable({type(exc).__name__})")
     return tree
+
+
+def single_text_part(raw: bytes) -> Part | None:
+    """The one part of a single-text-part message without attachments, else None."""
+    end = raw.find(b"\r\n\r\n", 0, FAST_HEAD_MAX)
+    if end < 0:
+        return None
+    head = raw[: end + 4]
+    if b"\0" in head or _HEADER_SECTION.fullmatch(head) is None:
+        return None
+    if any(len(line) > MAX_HEADER_LINE for line in head.split(b"\r\n")):
+        return None
+    ctype = cte = None
+    mime_version = 0
+    for m in _FIELD.finditer(head):
+        name = m.group(1).lower()
+        if not name.startswith((b"content-", b"mime-")):
+            continue
+        value = m.group(2).replace(b"\r\n", b"").decode("latin-1")
+        if name == b"content-type":
+            if ctype is not None:
+                return None
+            ctype = value
+        elif name == b"content-transfer-encoding":
+            if cte is not None:
+                return None
+            cte = value
+        elif name == b"mime-version":
+            mime_version += 1
+        elif name == b"content-disposition":
+            return None  # attachment or inline with a file name: the parser decides
+    if mime_version > 1:
+        return None
+    content_type = "text/plain"  # the parser's default
+    if ctype is not None:
+        if "name" in ctype.lower():  # name= (or name*=) gives the part a file name
+            return None
+        content_type = ctype.split(";", 1)[0].strip().lower()
+        if not content_type.startswith("text/") or content_type.count("/") != 1:
+            return None
+    body = raw[end + 4 :]
+    encoding = (cte or "").lstrip(" \t").lower()  # as the parser compares it
+    if encoding == "quoted-printable":
+        payload = binascii.a2b_qp(body)  # what the parser's decode=True does
+    elif encoding in _IDENTITY_CTE:
+        payload = body
+    else:
+        return None  # base64, uuencode, unknown, trailing blanks: the full parse
+    return Part("1", None, content_type, payload)
 
 
 def _header_checks(raw: bytes, tree: MimeTree) -> None:
