@@ -19,8 +19,8 @@ acts on the verdict:
   ``451 4.7.1``, nothing stored (CP-E3: fail closed).
 
 Scanners do their CPU work off the event loop when it is large (``scan.builtin`` moves
-messages over 256 KiB to a thread; clamd and rspamd are other processes); the header work
-here reads only the header section.
+messages over 256 KiB to a thread and over 1 MiB to its process pool; clamd and rspamd are
+other processes); the header work here reads only the header section.
 
 Public names: ``ContentFilter``, ``Outcome``, ``strip_untrusted``, ``tag_subject``.
 Security: ``data`` is hostile. Header edits are linear regexes on the header section only;
