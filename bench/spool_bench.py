@@ -1,11 +1,13 @@
 """Micro benchmark of the queue stage: enqueues/s and CPU per message, real fsync.
 
 Usage: ``.venv/bin/python bench/spool_bench.py [--messages N] [--concurrency C]
-[--size BYTES] [--dir DIR] [--no-fsync] [--threads T] [--deliver]``. Without ``--deliver``
-only enqueues are measured; with it a ``Scheduler`` also delivers every message through a
-null transport (accepts at once), so the number covers the spool's whole life cycle of a
-message: write, hand-over, completion. Prints messages per second and the process CPU
-(user + system, all threads) per message. Not a test.
+[--size BYTES] [--dir DIR] [--no-fsync] [--threads T] [--deliver] [--no-segment-log]``.
+Without ``--deliver`` only enqueues are measured; with it a ``Scheduler`` also delivers
+every message through a null transport (accepts at once), so the number covers the
+spool's whole life cycle of a message: write, hand-over, completion. The segment log (the
+gateway's default fast path) is on unless ``--no-segment-log`` (one file per message).
+Prints messages per second and the process CPU (user + system, all threads) per message.
+Not a test.
 Security: writes only under a temporary directory (or ``--dir``).
 """
 
@@ -75,8 +77,9 @@ async def _run(
     fsync: bool,
     threads: int,
     deliver: bool,
+    segment_log: bool,
 ) -> tuple[float, float]:
-    spool = Spool(root, "w0", fsync=fsync, io_threads=threads)
+    spool = Spool(root, "w0", fsync=fsync, io_threads=threads, segment_log=segment_log)
     router = NullRouter()
     router.target = messages
     scheduler = Scheduler(default_config(), spool, router) if deliver else None
@@ -112,6 +115,7 @@ def main() -> None:
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--threads", type=int, default=SPOOL_IO_THREADS, help="spool I/O threads")
     ap.add_argument("--deliver", action="store_true", help="also deliver (null transport)")
+    ap.add_argument("--no-segment-log", action="store_true", help="one file per message")
     args = ap.parse_args()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="spool-bench-"))
     root = base / "spool"
@@ -125,6 +129,7 @@ def main() -> None:
                 not args.no_fsync,
                 args.threads,
                 args.deliver,
+                not args.no_segment_log,
             )
         )
     finally:
@@ -135,7 +140,8 @@ def main() -> None:
     print(
         f"spool: {rate:,.0f} {what}/s, CPU {cpu * 1000:.2f} ms/msg ({args.messages} x "
         f"{args.size} B, {args.concurrency} concurrent, {args.threads} threads, "
-        f"fsync={'off' if args.no_fsync else 'on'})"
+        f"fsync={'off' if args.no_fsync else 'on'}, "
+        f"{'files' if args.no_segment_log else 'segment log'})"
     )
 
 

@@ -124,6 +124,7 @@ class QueueConfig(_Section):
     delivery_concurrency: int = Field(default=100, ge=1)
     destination_concurrency: int = Field(default=20, ge=1)
     max_recipients_per_delivery: int = Field(default=50, ge=1)
+    segment_log: bool = True  # fresh mail goes to append-only segments (one fdatasync per batch)
 
 
 TLSPolicy = Literal["none", "may", "encrypt", "verify"]

@@ -112,7 +112,7 @@ async def _serve_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    spool = Spool(cfg.spool_path, shard=f"w{index}")
+    spool = Spool(cfg.spool_path, shard=f"w{index}", segment_log=cfg.queue.segment_log)
     router = Router(cfg)
     scheduler = Scheduler(cfg, spool, router)
     policy = Policy(cfg)

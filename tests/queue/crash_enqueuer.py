@@ -1,6 +1,7 @@
 """Subprocess for the SIGKILL test: enqueue forever, ledger each id after enqueue returns.
 
-Usage: python -m tests.queue.crash_enqueuer SPOOL_ROOT LEDGER
+Usage: python -m tests.queue.crash_enqueuer SPOOL_ROOT LEDGER [segment]
+(``segment``: with the segment log, the fast path of the gateway).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def body_for(qid: str) -> bytes:
     return b"Subject: crash test\r\n\r\n" + seed * (20 + seed[0] % 300) + b"\r\n"
 
 
-async def main(root: Path, ledger: Path) -> None:
-    spool = Spool(root, "w0")
+async def main(root: Path, ledger: Path, segment_log: bool) -> None:
+    spool = Spool(root, "w0", segment_log=segment_log)
     fd = os.open(ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     async def loop() -> None:
@@ -37,4 +38,4 @@ async def main(root: Path, ledger: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] == ["segment"]))

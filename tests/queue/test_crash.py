@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mailwarden.queue.spool import QueueState, Spool
 from tests.queue.crash_enqueuer import body_for
 
@@ -24,11 +26,12 @@ def _ledger(path: Path) -> list[str]:
     return [ln.decode() for ln in lines[:-1] if ln]  # last element: torn or empty
 
 
-def test_sigkill_during_enqueue_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["files", "segment"])
+def test_sigkill_during_enqueue_loses_nothing(tmp_path: Path, mode: str) -> None:
     root, ledger = tmp_path / "spool", tmp_path / "ledger"
     for _round in range(3):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.queue.crash_enqueuer", str(root), str(ledger)],
+            [sys.executable, "-m", "tests.queue.crash_enqueuer", str(root), str(ledger), mode],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -57,3 +60,5 @@ def test_sigkill_during_enqueue_loses_nothing(tmp_path: Path) -> None:
         for qid in present - set(acknowledged):
             spool.read_data(spool.load(qid, QueueState.ACTIVE))
         assert os.listdir(spool.dir(QueueState.INCOMING)) == []
+        assert not list((root / "w0" / "log").glob("*.seg"))  # all materialised
+        assert spool.ids(QueueState.CORRUPT) == []  # a torn tail is not corruption

@@ -3,8 +3,11 @@
 These work on the spool files while the gateway runs (files are the interface, as with
 ``postsuper``): a running scheduler skips a message that left ``active/``, never delivers
 from ``hold/``, and answers the ``flush`` trigger file of its shard within
-``scheduler.TRIGGER_POLL`` seconds. ``flush`` also sets every deferred file's due time to
-now, so mail is retried at the next scan even by a scheduler that starts later.
+``scheduler.TRIGGER_POLL`` seconds. Messages live in a shard's segment log (``log/``, the
+fast path for fresh mail) are listed as ``active``; hold and delete take them out through
+``Spool.take_from_log`` (marker, hold copy, ``.done`` line; the scheduler yields).
+``flush`` also sets every deferred file's due time to now, so mail is retried at the next
+scan even by a scheduler that starts later.
 
 Public names: ``QueueEntry``, ``UnknownQueueId``, ``list_queue``, ``show``, ``hold``,
 ``release``, ``delete``, ``delete_all``, ``flush``.
@@ -24,7 +27,13 @@ from typing import Any
 from mailwarden.core.events import emit
 from mailwarden.errors import QueueError, SpoolCorrupt
 from mailwarden.queue.dsn import extract_headers
-from mailwarden.queue.spool import QUEUED_STATES, QueueState, Spool, valid_queue_id
+from mailwarden.queue.spool import (
+    QUEUED_STATES,
+    QueueState,
+    Spool,
+    SpooledMessage,
+    valid_queue_id,
+)
 
 MOVE_RETRIES = 3  # a message may move between active/ and deferred/ while we look
 SHOW_HEADER_BYTES = 64 * 1024  # header bytes ``show`` reads from a message
@@ -74,6 +83,11 @@ def _entry(spool: Spool, qid: str, state: QueueState) -> QueueEntry | None:
         return QueueEntry(
             qid, spool.shard, state.value, st.st_size, st.st_mtime, "", [], [], corrupt=str(exc)
         )
+    return _entry_of(spool, msg)
+
+
+def _entry_of(spool: Spool, msg: SpooledMessage) -> QueueEntry:
+    state, qid = msg.state, msg.snapshot.queue_id
     snap = msg.snapshot
     return QueueEntry(
         queue_id=qid,
@@ -104,31 +118,45 @@ def list_queue(root: Path) -> list[QueueEntry]:
                 entry = _entry(spool, qid, state)
                 if entry is not None:
                     out.append(entry)
+        out += [_entry_of(spool, msg) for msg in spool.log_messages()]
     out.sort(key=lambda e: (e.arrival, e.queue_id))
     return out
 
 
-def _find(root: Path, qid: str) -> tuple[Spool, QueueState]:
+def _find(root: Path, qid: str) -> tuple[Spool, QueueState | None]:
+    """The shard and state of ``qid``; state None: live in the shard's segment log."""
     if not valid_queue_id(qid):
         raise UnknownQueueId(f"invalid queue id {qid!r}")
-    for spool in _spools(root):
+    spools = list(_spools(root))
+    for spool in spools:
         state = spool.locate(qid)
         if state is not None:
             return spool, state
+    for spool in spools:
+        if spool.find_in_log(qid) is not None:
+            return spool, None
     raise UnknownQueueId(f"no message {qid} in the queue")
+
+
+def _present(spool: Spool, qid: str) -> bool:
+    return spool.locate(qid) is not None or spool.find_in_log(qid) is not None
 
 
 def show(root: Path, qid: str) -> dict[str, Any]:
     """The entry of ``qid`` with its envelope, journal and message headers."""
     spool, state = _find(root, qid)
-    entry = _entry(spool, qid, state)
+    logged = spool.find_in_log(qid) if state is None else None
+    if logged is not None:
+        entry: QueueEntry | None = _entry_of(spool, logged)
+    else:
+        entry = _entry(spool, qid, state or QueueState.ACTIVE)
     if entry is None:
         raise UnknownQueueId(f"message {qid} left the queue")
     out = entry.to_json()
     if entry.corrupt:
         return out
     try:
-        msg = spool.load(qid, state)
+        msg = logged or spool.load(qid, state or QueueState.ACTIVE)
         out["envelope"] = msg.snapshot.to_json()
         out["headers"] = extract_headers(spool.read_head(msg, SHOW_HEADER_BYTES)).decode(
             "utf-8", "replace"
@@ -161,7 +189,9 @@ def _move(
             if spool.move(qid, src, dst, mtime=mtime):
                 spool.fsync_dir(dst)
                 return True
-        if spool.locate(qid) is None:
+        if dst is QueueState.HOLD and spool.take_from_log(qid, to_hold=True):
+            return True
+        if not _present(spool, qid):
             break
     return False
 
@@ -194,7 +224,11 @@ def _delete_one(spool: Spool, qid: str) -> bool:
                 spool.drop_journal(qid)
                 emit("queue.removed", queue_id=qid, by="operator", state=state.value)
                 return True
-        if spool.locate(qid) is None:
+        if spool.take_from_log(qid, to_hold=False):
+            spool.drop_journal(qid)
+            emit("queue.removed", queue_id=qid, by="operator", state=QueueState.ACTIVE.value)
+            return True
+        if not _present(spool, qid):
             break
     return False
 
@@ -217,6 +251,9 @@ def delete_all(root: Path) -> list[str]:
             for qid in spool.ids(state):
                 if _delete_one(spool, qid):
                     done.append(qid)
+        for msg in spool.log_messages():
+            if _delete_one(spool, msg.snapshot.queue_id):
+                done.append(msg.snapshot.queue_id)
     return done
 
 

@@ -13,7 +13,9 @@ most ``queue.max_recipients_per_delivery``; items run under two limits,
 total. Per-recipient results are journaled (fsync) before they are relied on; a bounce DSN
 is enqueued before the bounced recipients are journaled, so a crash can repeat a DSN but
 never lose one. A message with recipients left is moved to ``deferred/`` with its due time
-as the file's mtime; every ``queue.scan_interval`` due files go back to ``active/``.
+as the file's mtime (one live in the spool's segment log is materialised there:
+``Spool.defer``); every ``queue.scan_interval`` due files go back to ``active/``. The tick
+also retires an idle segment (``Spool.retire_idle``).
 
 A message just enqueued is attempted from the spool's in-memory copy (``Spool.fresh``:
 no file or journal is read back; its bytes are taken when a delivery slot is held); a
@@ -21,7 +23,8 @@ message recovered at startup, deferred, released or evicted from that cache is r
 its file. Completion is ``Spool.complete`` (group-committed unlink and directory fsync)
 before ``queue.removed`` is emitted.
 
-Operator actions work through files: a message moved to ``hold/`` or deleted is skipped
+Operator actions work through files: a message moved to ``hold/`` or deleted (or, in the
+segment log, marked in ``log/taken/``) is skipped
 (an item already handed to a transport finishes); ``mailwarden queue flush`` creates the
 shard's ``flush`` trigger file, which the scheduler checks every ``TRIGGER_POLL`` seconds
 and answers by retrying all deferred mail now.
@@ -124,6 +127,7 @@ class Scheduler:
         """Recover the shard and start delivering."""
         ids = await self.spool.run(self.spool.recover)
         active = await self.spool.run(lambda: self.spool.ids(QueueState.ACTIVE))
+        active += self.spool.log_ids()  # enqueued by this process before the start
         self._running = True
         self.spool.on_enqueue = self.notify
         for qid in active:
@@ -189,6 +193,10 @@ class Scheduler:
             forced = self._wake.is_set()
             self._wake.clear()
             flush = await self.spool.run(self._take_flush_trigger)
+            try:
+                await self.spool.retire_idle()
+            except OSError as exc:
+                emit("queue.error", shard=self.spool.shard, error=f"segment log: {exc}")
             if flush or forced or time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + self.qcfg.scan_interval
                 try:
@@ -236,9 +244,7 @@ class Scheduler:
             emit("queue.error", queue_id=qid, shard=self.spool.shard, error=repr(exc))
             due = self.clock() + self.qcfg.min_backoff
             with contextlib.suppress(Exception):
-                await self.spool.run(
-                    lambda: self.spool.move(qid, QueueState.ACTIVE, QueueState.DEFERRED, mtime=due)
-                )
+                await self.spool.defer(qid, due)
         finally:
             self.spool.drop_fresh(qid)
             self._slots.release()
@@ -299,6 +305,7 @@ class Scheduler:
                 await self._bounce(msg, bounced, [], attempt)
             records = [rcpt_record(r, now) for r in unjournaled + bounced + deferred]
             await spool.run(lambda: spool.append_journal(qid, records, sync=True))
+            spool.forget_taken(qid)
             return
         expire = bool(deferred) and retry.expired(self.qcfg, msg.snapshot.received_at, now)
         failed: list[RecipientResult] = []
@@ -323,7 +330,7 @@ class Scheduler:
                 sender=msg.snapshot.mail_from,
             )
         due = now + retry.backoff(self.qcfg, attempt)
-        await spool.run(lambda: spool.move(qid, QueueState.ACTIVE, QueueState.DEFERRED, mtime=due))
+        await spool.defer(qid, due)  # a segment-log message is materialised into deferred/
         emit(
             "queue.deferred",
             queue_id=qid,
@@ -352,9 +359,9 @@ class Scheduler:
         spool, snap = self.spool, msg.snapshot
         async with self._dest.hold(destination), self._total:
             fresh = spool.fresh_data(snap.queue_id)
-            if fresh is not None:  # in memory: only check that it is still active
-                if not spool.still_active(msg):
-                    return None
+            if (fresh is not None or spool.in_log(snap.queue_id)) and not spool.still_active(msg):
+                return None  # in memory or in a segment: only check that it is still active
+            if fresh is not None:
                 data = fresh
             else:
                 try:  # also tells whether it is still in active/

@@ -10,6 +10,7 @@ Layout of one shard (a worker process owns one shard; ``root`` holds all of them
     root/<shard>/done/QID.done      journal: JSON lines, per-recipient final results,
                                     attempt count, delay warning sent (see ``queue.journal``)
     root/<shard>/flush              trigger file: ``mailwarden queue flush`` creates it
+    root/<shard>/log/               segment log of fresh mail (``queue.segment``)
 
 A message file is ``MWQ1 <json length> <data length> <crc32 of data>\\n``, the envelope
 (``EnvelopeSnapshot.to_json``) as JSON, ``\\n``, then the raw message bytes.
@@ -22,6 +23,14 @@ one fsync each, so the filesystem journal commits them together), renames (no-re
 a queue id is never overwritten) and covers with one directory fsync. Completions
 (``complete``) are group-committed the same way by a committer of their own (unlinks, one
 directory fsync), so a finished delivery is recorded without waiting behind writes.
+
+Segment log (``segment_log=True``, the gateway's default): a fresh message of at most
+``MAX_LOG_MESSAGE`` bytes is appended to the shard's current segment instead (one writev
+and one fdatasync per batch, see ``queue.segment``) and is "active" while it is live
+there: ``fresh`` always returns its envelope (never evicted; ``path`` is the segment
+file), ``complete`` appends its id to the segment's ``.done`` file, ``defer`` materialises
+it into ``deferred/`` first. ``recover`` turns the segments of an earlier process into
+files in ``active/``; ``log_messages`` and ``take_from_log`` are the operator's view.
 
 Fresh messages: while a consumer is registered (``on_enqueue``, the scheduler), the
 envelope and bytes of each new message stay in memory (``fresh``/``fresh_data``, at most
@@ -49,9 +58,9 @@ import os
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -67,17 +76,38 @@ from mailwarden.queue.commit import (
     start_writeback,
 )
 from mailwarden.queue.journal import Journal, parse_journal
+from mailwarden.queue.msgfile import (
+    MAX_HEADER_LINE,
+    encode,
+    parse_envelope,
+    parse_header,
+)
+from mailwarden.queue.msgfile import envelope_json as envelope_json
+from mailwarden.queue.segment import (
+    LOG_DIR,
+    MAX_LOG_MESSAGE,
+    RETIRE_IDLE_BYTES,
+    SEGMENT_BYTES,
+    TAKEN,
+    LogDone,
+    LogSeal,
+    LogWrite,
+    SegmentLog,
+    claim_winner,
+    done_seqs,
+    marker_name,
+    read_claims,
+    scan_segment,
+    segment_seqs,
+    seq_name,
+)
 
 SPOOL_IO_THREADS = 4  # parallel file writers; more threads thrash the GIL (32: ~330 msg/s, 4: ~440)
 FRESH_CACHE_BYTES = 64 * 1024 * 1024  # message bytes kept in memory for the first attempt
-MAGIC = b"MWQ1"  # first bytes of every message file (format version 1)
-MAX_HEADER_LINE = 64  # bytes of the first line: magic and three numbers
-MAX_ENVELOPE_JSON = 8 * 1024 * 1024  # an envelope larger than this is corrupt
 FILE_MODE = 0o600  # spool files hold private mail
 DIR_MODE = 0o700
 FLUSH_TRIGGER = "flush"  # file name of the flush trigger in a shard directory
 
-_ENVELOPE_FIELDS = tuple(f.name for f in fields(EnvelopeSnapshot))
 _QID = re.compile(r"^[0-9A-Za-z]{6,64}$")
 _SHARD = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _T = TypeVar("_T")
@@ -135,14 +165,6 @@ def shard_name(index: int) -> str:
     return f"w{index}"
 
 
-def envelope_json(snapshot: EnvelopeSnapshot) -> bytes:
-    """``snapshot.to_json()`` as compact JSON, without ``dataclasses.asdict`` (which
-    deep-copies every field and was a fifth of the enqueue CPU). Every field is a scalar,
-    a tuple of strings (JSON array) or a ``StrEnum`` (JSON string of its value)."""
-    obj = {name: getattr(snapshot, name) for name in _ENVELOPE_FIELDS}
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 @dataclass(slots=True)
 class _Write:
     """One message file to write in a batch (``error`` is set if it failed)."""
@@ -156,9 +178,15 @@ class _Write:
     fd: int = -1
     created: bool = False  # the temp file exists and is ours to remove on failure
     error: BaseException | None = None
+    prefix: bytes | None = None  # the bytes before ``data`` when already encoded
+    mtime: float | None = None  # set on the file before it is renamed into place
 
 
 _Job = _Write | RemoveJob  # what the spool's group committers do
+
+
+class _Gone(Exception):
+    """The segment of a message went away while the operator was taking it."""
 
 
 class Spool:
@@ -172,6 +200,8 @@ class Spool:
         fsync: bool = True,
         io_threads: int = SPOOL_IO_THREADS,
         fresh_cache_bytes: int = FRESH_CACHE_BYTES,
+        segment_log: bool = False,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         if not _SHARD.match(shard):
             raise QueueError(f"invalid spool shard name {shard!r}")
@@ -189,10 +219,24 @@ class Spool:
         self._io_threads = io_threads
         self._executor: ThreadPoolExecutor | None = None
         self._committers: dict[tuple[int, QueueState, bool], GroupCommit[_Job]] = {}
+        self._log_committers: dict[tuple[int, QueueState, str], GroupCommit[Any]] = {}
         self._incoming = str(self.path / QueueState.INCOMING.value)
         self._active = str(self.path / QueueState.ACTIVE.value)
         self._fresh: OrderedDict[str, tuple[SpooledMessage, bytes]] = OrderedDict()
         self._fresh_bytes = 0
+        # Segment log (fast path): live messages (never evicted) and their segments.
+        self._log = (
+            SegmentLog(self.path / LOG_DIR, fsync=fsync, segment_bytes=segment_bytes)
+            if segment_log
+            else None
+        )
+        self._live: dict[str, SpooledMessage] = {}
+        self._live_seq: dict[str, int] = {}
+        self._seg_live: dict[int, set[str]] = {}
+        self._seg_seen: dict[int, int] = {}  # records of a segment acknowledged or failed
+        self._retiring: set[int] = set()
+        self._sealing = False
+        self._bg: set[asyncio.Task[None]] = set()
 
     # Paths ---------------------------------------------------------------------------
     def dir(self, state: QueueState) -> Path:
@@ -244,6 +288,8 @@ class Spool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._log is not None:
+            self._log.close()
 
     # Enqueue ---------------------------------------------------------------------------
     async def enqueue(self, snapshot: EnvelopeSnapshot, data: bytes) -> None:
@@ -252,8 +298,22 @@ class Spool:
         self._check_id(qid)
         if not snapshot.recipients:
             raise QueueError(f"{qid}: a message without recipients cannot be queued")
-        job = _Write(snapshot, data, f"{self._incoming}/{qid}.tmp", f"{self._active}/{qid}")
-        await self._committer(QueueState.ACTIVE).commit(job)
+        if self._log is not None and len(data) <= MAX_LOG_MESSAGE:
+            msg = await self._log_append(snapshot, data)
+        else:
+            job = _Write(snapshot, data, f"{self._incoming}/{qid}.tmp", f"{self._active}/{qid}")
+            await self._committer(QueueState.ACTIVE).commit(job)
+            msg = SpooledMessage(
+                snapshot=snapshot,
+                state=QueueState.ACTIVE,
+                path=Path(job.final),
+                data_offset=job.data_offset,
+                data_length=len(data),
+                data_crc=job.data_crc,
+                journal=Journal(),
+                mtime=snapshot.received_at,
+                has_journal=False,
+            )
         emit(
             "queue.enqueued",
             queue_id=qid,
@@ -267,7 +327,7 @@ class Spool:
             shard=self.shard,
         )
         if self.on_enqueue is not None:
-            self._keep_fresh(job)
+            self._keep_fresh(msg, data)
             self.on_enqueue(qid)
 
     def _write_batch(self, batch: list[_Job]) -> None:
@@ -287,17 +347,15 @@ class Spool:
             except Exception as exc:
                 item.error = exc
         for job in jobs:
-            snapshot = job.snapshot
             try:
-                envelope = envelope_json(snapshot)
-                job.data_crc = zlib.crc32(job.data)
-                head = b"%s %d %d %d\n" % (MAGIC, len(envelope), len(job.data), job.data_crc)
-                job.data_offset = len(head) + len(envelope) + 1
+                if job.prefix is None:
+                    job.prefix, job.data_crc = encode(job.snapshot, job.data)
+                job.data_offset = len(job.prefix)
                 job.fd = os.open(
                     job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
                 )
                 job.created = True
-                view = memoryview(b"".join((head, envelope, b"\n", job.data)))
+                view = memoryview(b"".join((job.prefix, job.data)))
                 while view:
                     written = os.write(job.fd, view)
                     view = view[written:]
@@ -309,6 +367,8 @@ class Spool:
             if job.error is not None:
                 continue
             try:
+                if job.mtime is not None:
+                    os.utime(job.fd, (job.mtime, job.mtime))
                 if self.fsync:
                     os.fsync(job.fd)
                 os.close(job.fd)
@@ -332,23 +392,173 @@ class Spool:
                 os.unlink(job.tmp)
             job.created = False
 
-    # Fresh messages ----------------------------------------------------------------------
-    def _keep_fresh(self, job: _Write) -> None:
-        size = len(job.data)
-        if size > self.fresh_cache_bytes:
-            return
+    # Segment log ---------------------------------------------------------------------------
+    def _log_committer(self, done: bool) -> GroupCommit[Any]:
+        """The group committer of the segment log's appends (``done``: its ``.done``
+        lines). They do their own fdatasync; no directory fsync per batch."""
+        assert self._log is not None
+        key = (id(asyncio.get_running_loop()), QueueState.ACTIVE, "done" if done else "log")
+        committer = self._log_committers.get(key)
+        if committer is None:
+            work = self._log.done_batch if done else self._log.write_batch
+            committer = GroupCommit(self._log.dir, self.run, work, False)
+            self._log_committers[key] = committer
+        return committer
+
+    async def _log_append(self, snapshot: EnvelopeSnapshot, data: bytes) -> SpooledMessage:
+        """Append a message to the current segment; return once it is fdatasync'd."""
+        assert self._log is not None
+        qid = snapshot.queue_id
+        if qid in self._live:
+            raise QueueError(f"{qid}: queue id already in use")
+        job = LogWrite(snapshot, data)
+        try:
+            await self._log_committer(False).commit(job)
+        except BaseException:
+            if job.seq:
+                self._seg_seen[job.seq] = self._seg_seen.get(job.seq, 0) + 1
+            self._check_retire()
+            raise
         msg = SpooledMessage(
-            snapshot=job.snapshot,
+            snapshot=snapshot,
             state=QueueState.ACTIVE,
-            path=Path(job.final),
+            path=self._log.path(job.seq),
             data_offset=job.data_offset,
-            data_length=size,
+            data_length=len(data),
             data_crc=job.data_crc,
             journal=Journal(),
-            mtime=job.snapshot.received_at,
+            mtime=snapshot.received_at,
             has_journal=False,
         )
-        self._fresh[job.snapshot.queue_id] = (msg, job.data)
+        # Live before it counts as seen: a sealed segment is never retired under it.
+        self._live[qid] = msg
+        self._live_seq[qid] = job.seq
+        self._seg_live.setdefault(job.seq, set()).add(qid)
+        self._seg_seen[job.seq] = self._seg_seen.get(job.seq, 0) + 1
+        self._check_retire()
+        return msg
+
+    def in_log(self, qid: str) -> bool:
+        """True if ``qid`` is live in this process's segment log."""
+        return qid in self._live_seq
+
+    def log_ids(self) -> list[str]:
+        """Ids of the messages live in this process's segment log."""
+        return list(self._live)
+
+    async def _log_done(self, qid: str) -> bool:
+        """Record that a live message left its segment; False if the operator took it."""
+        job = LogDone(qid, self._live_seq[qid])
+        await self._log_committer(True).commit(job)
+        self._drop_live(qid)
+        return job.won
+
+    def forget_taken(self, qid: str) -> None:
+        """Drop a live message the operator took (its ``.done`` line is theirs)."""
+        if qid in self._live_seq:
+            self._drop_live(qid)
+
+    def _drop_live(self, qid: str) -> None:
+        self._live.pop(qid, None)
+        seq = self._live_seq.pop(qid)
+        live = self._seg_live.get(seq)
+        if live is not None:
+            live.discard(qid)
+            if not live:
+                del self._seg_live[seq]
+        log = self._log
+        if (
+            log is not None
+            and seq == log.current
+            and seq not in self._seg_live
+            and log.current_size >= RETIRE_IDLE_BYTES
+        ):
+            self._background(self.retire_idle())
+        self._check_retire()
+
+    def _check_retire(self) -> None:
+        """Retire every sealed segment whose records were all acknowledged and left."""
+        log = self._log
+        if log is None:
+            return
+        for seq, count in list(log.final.items()):
+            if (
+                seq not in self._retiring
+                and seq not in self._seg_live
+                and self._seg_seen.get(seq, 0) >= count
+            ):
+                self._retiring.add(seq)
+                self._background(self._retire(seq))
+
+    async def _retire(self, seq: int) -> None:
+        assert self._log is not None
+        log = self._log
+        try:
+            await self.run(lambda: log.retire(seq))
+            self._seg_seen.pop(seq, None)
+        except OSError as exc:
+            emit("queue.error", shard=self.shard, error=f"retiring segment {seq}: {exc}")
+        finally:
+            self._retiring.discard(seq)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def retire_idle(self) -> None:
+        """Seal and retire the current segment if no message in it is live (the
+        scheduler's tick calls this, so delivered mail does not linger on disk)."""
+        log = self._log
+        if log is None or self._sealing:
+            return
+        seq = log.current
+        if not seq or seq in self._seg_live:
+            return
+        self._sealing = True
+        try:
+            await self._log_committer(False).commit(LogSeal(seq))
+        finally:
+            self._sealing = False
+        self._check_retire()
+
+    async def defer(self, qid: str, due: float) -> bool:
+        """Move an active message to ``deferred/``, due at ``due``; False if it is no
+        longer active. A message live in the segment log is materialised: written as a
+        spool file into ``deferred/`` (fsync, rename, directory fsync) and only then
+        marked done in its segment."""
+        msg = self._live.get(qid)
+        if msg is None:
+            return await self.run(
+                lambda: self.move(qid, QueueState.ACTIVE, QueueState.DEFERRED, mtime=due)
+            )
+        return await self._materialise(msg, QueueState.DEFERRED, due)
+
+    async def _materialise(self, msg: SpooledMessage, state: QueueState, due: float) -> bool:
+        assert self._log is not None
+        log, qid = self._log, msg.snapshot.queue_id
+        if log.taken(self._live_seq[qid], qid):
+            self._drop_live(qid)
+            return False
+        data = self.fresh_data(qid)
+        if data is None:
+            data = await self.run(lambda: self.read_data(msg))
+        job = _Write(msg.snapshot, data, f"{self._incoming}/{qid}.tmp", str(self.file(qid, state)))
+        job.mtime = due
+        await self._committer(state).commit(job)
+        if await self._log_done(qid):
+            return True
+        # The operator took it meanwhile (their copy is in hold/ or deleted): drop ours.
+        await self.run(lambda: self.remove(qid, state))
+        await self.sync_dir(state)
+        return False
+
+    # Fresh messages ----------------------------------------------------------------------
+    def _keep_fresh(self, msg: SpooledMessage, data: bytes) -> None:
+        size = len(data)
+        if size > self.fresh_cache_bytes:
+            return
+        self._fresh[msg.snapshot.queue_id] = (msg, data)
         self._fresh_bytes += size
         while self._fresh_bytes > self.fresh_cache_bytes:
             _, (old, _) = self._fresh.popitem(last=False)
@@ -356,9 +566,13 @@ class Spool:
 
     def fresh(self, qid: str) -> SpooledMessage | None:
         """The envelope of a message just enqueued, as ``load`` would return it (empty
-        journal, none on disk); None if it was evicted or never kept."""
+        journal, none on disk); None if it was evicted or never kept. A message that is
+        live in the segment log is always returned (its envelope is never evicted; its
+        ``path`` is the segment file, so ``read_data`` works once the bytes are)."""
         entry = self._fresh.get(qid)
-        return entry[0] if entry is not None else None
+        if entry is not None:
+            return entry[0]
+        return self._live.get(qid)
 
     def fresh_data(self, qid: str) -> bytes | None:
         """The bytes of a message just enqueued; None if evicted (read the file)."""
@@ -386,7 +600,10 @@ class Spool:
         return sorted(n for n in names if valid_queue_id(n))
 
     def locate(self, qid: str) -> QueueState | None:
-        """Which state directory holds ``qid`` (None if it is not in this shard)."""
+        """Which state directory holds ``qid`` (None if it is not in this shard); a message
+        live in this process's segment log is ``ACTIVE``."""
+        if qid in self._live:
+            return QueueState.ACTIVE
         for state in (*QUEUED_STATES, QueueState.CORRUPT):
             if self.file(qid, state).exists():
                 return state
@@ -401,25 +618,12 @@ class Spool:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
             line = fh.readline(MAX_HEADER_LINE)
-            parts = line.split()
-            if len(parts) != 4 or parts[0] != MAGIC or not line.endswith(b"\n"):
-                raise SpoolCorrupt(f"{qid}: bad spool file header")
-            try:
-                env_len, data_len, crc = (int(p) for p in parts[1:])
-            except ValueError as exc:
-                raise SpoolCorrupt(f"{qid}: bad spool file header") from exc
-            if not 0 < env_len <= MAX_ENVELOPE_JSON or data_len < 0:
-                raise SpoolCorrupt(f"{qid}: bad spool file header lengths")
+            env_len, data_len, crc = parse_header(qid, line)
             offset = len(line) + env_len + 1
             if st.st_size != offset + data_len:
                 raise SpoolCorrupt(f"{qid}: spool file is truncated or has trailing bytes")
             raw = fh.read(env_len + 1)
-        try:
-            snapshot = EnvelopeSnapshot.from_json(json.loads(raw[:-1]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SpoolCorrupt(f"{qid}: unreadable envelope: {exc}") from exc
-        if snapshot.queue_id != qid or raw[-1:] != b"\n":
-            raise SpoolCorrupt(f"{qid}: envelope does not match the file name")
+        snapshot = parse_envelope(qid, raw)
         journal, has_journal = self._journal(qid)
         return SpooledMessage(
             snapshot=snapshot,
@@ -436,9 +640,14 @@ class Spool:
     def still_active(self, msg: SpooledMessage) -> bool:
         """True if the message file is still in ``active/`` (not held, deleted or moved).
         A ``stat`` of a name just written (its directory entry is cached): cheap enough to
-        call on the event loop instead of a thread hop."""
+        call on the event loop instead of a thread hop. A message live in the segment log
+        is active until the operator's marker for it appears (``log/taken/``)."""
+        qid = msg.snapshot.queue_id
+        seq = self._live_seq.get(qid)
+        if seq is not None and self._log is not None:
+            return not self._log.taken(seq, qid)
         try:
-            os.stat(f"{self._active}/{msg.snapshot.queue_id}")
+            os.stat(f"{self._active}/{qid}")
         except FileNotFoundError:
             return False
         return True
@@ -523,6 +732,11 @@ class Spool:
         enqueues (one thread-pool call per batch): a blocking unlink never stalls the loop.
         """
         self._check_id(qid)
+        if qid in self._live_seq:
+            won = await self._log_done(qid)
+            if won and has_journal:
+                await self.run(lambda: self.drop_journal(qid))
+            return won
         job = RemoveJob(f"{self._active}/{qid}")
         await self._committer(QueueState.ACTIVE, removals=True).commit(job)
         if not job.found:
@@ -554,11 +768,13 @@ class Spool:
 
     # Startup ---------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """Clean up after a crash: remove half-written incoming files and journals of
-        messages that no longer exist. Returns the ids in ``active/`` and ``deferred/``."""
+        """Clean up after a crash: remove half-written incoming files, materialise the
+        segment log (``recover_log``) and remove journals of messages that no longer
+        exist. Returns the ids in ``active/`` and ``deferred/``."""
         for name in os.listdir(self.dir(QueueState.INCOMING)):
             with contextlib.suppress(OSError):
                 os.unlink(self.dir(QueueState.INCOMING) / name)
+        self.recover_log()
         present = {n for s in (*QUEUED_STATES, QueueState.CORRUPT) for n in self.ids(s)}
         for name in os.listdir(self.path / "done"):
             qid = name.removesuffix(".done")
@@ -566,6 +782,209 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path / "done" / name)
         return self.ids(QueueState.ACTIVE) + self.ids(QueueState.DEFERRED)
+
+    def recover_log(self) -> list[str]:
+        """Materialise every segment not written by this instance (a previous process's):
+        each complete, valid record without a ``.done`` line becomes a file in
+        ``active/`` (skipped if a file with its id exists: an earlier, interrupted
+        recovery), ``active/`` is fsync'd, then the segment is deleted. A torn tail was
+        never acknowledged and is dropped; a segment damaged before its end is kept in
+        ``corrupt/`` (``queue.corrupt``) after its readable records were materialised.
+        Works with the segment log switched off too. Returns the ids materialised."""
+        logdir = self.path / LOG_DIR
+        if not logdir.is_dir():
+            return []
+        own = self._log.own if self._log is not None else set()
+        present = {n for s in (*QUEUED_STATES, QueueState.CORRUPT) for n in self.ids(s)}
+        out: list[str] = []
+        for seq in segment_seqs(logdir):
+            if seq in own:
+                continue
+            seg = logdir / f"{seq_name(seq)}.seg"
+            raw = seg.read_bytes()
+            scan = scan_segment(raw)
+            claims = read_claims(logdir / f"{seq_name(seq)}.done")
+            todo = [
+                (r.qid, raw[r.offset : r.offset + r.length])
+                for r in scan.records
+                if r.qid not in claims and r.qid not in present
+            ]
+            written = self._write_files(todo, QueueState.ACTIVE)
+            present.update(written)
+            out += written
+            if scan.corrupt:
+                name = f"SEG{seq_name(seq)}"
+                os.rename(seg, self.dir(QueueState.CORRUPT) / name)
+                self.fsync_dir(QueueState.CORRUPT)
+                emit(
+                    "queue.corrupt",
+                    queue_id=name,
+                    state=LOG_DIR,
+                    reason=scan.corrupt,
+                    shard=self.shard,
+                    moved=True,
+                )
+            self._drop_segment(logdir, seq)
+        for seq in done_seqs(logdir):  # done files whose segment went before a crash
+            if seq not in own and not (logdir / f"{seq_name(seq)}.seg").exists():
+                self._drop_segment(logdir, seq)
+        return out
+
+    def _drop_segment(self, logdir: Path, seq: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(logdir / f"{seq_name(seq)}.seg")
+        if self.fsync:
+            fsync_dir(logdir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(logdir / f"{seq_name(seq)}.done")
+        prefix = seq_name(seq) + "-"
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(logdir / "taken"):
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(logdir / "taken" / name)
+
+    def _write_files(self, items: list[tuple[str, bytes]], state: QueueState) -> list[str]:
+        """Write whole message files into ``state`` (synchronously): temp files, fsync,
+        no-replace renames, one directory fsync. An id already in use is skipped.
+        Returns the ids written."""
+        done: list[str] = []
+        pending: list[tuple[str, str, int]] = []
+        try:
+            for qid, blob in items:
+                self._check_id(qid)
+                tmp = f"{self._incoming}/{qid}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+                pending.append((qid, tmp, fd))
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync and len(items) > 1:
+                    start_writeback(fd)
+            closed: list[tuple[str, str, int]] = []
+            while pending:
+                entry = pending[0]
+                if self.fsync:
+                    os.fsync(entry[2])
+                pending.pop(0)
+                closed.append(entry)
+                os.close(entry[2])
+            for qid, tmp, _ in closed:
+                try:
+                    rename_noreplace(tmp, str(self.file(qid, state)))
+                    done.append(qid)
+                except FileExistsError:
+                    os.unlink(tmp)
+        finally:
+            for _, tmp, fd in pending:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        if done:
+            self.fsync_dir(state)
+        return done
+
+    # Segment log, seen from another process (the operator commands) ----------------------
+    def log_messages(self) -> list[SpooledMessage]:
+        """The messages live in this shard's segment files, read from disk (for
+        ``mailwarden queue list``, run while the gateway runs): valid records without a
+        ``.done`` line, whose id is in no state directory. State ``ACTIVE``."""
+        logdir = self.path / LOG_DIR
+        present = {n for s in (*QUEUED_STATES, QueueState.CORRUPT) for n in self.ids(s)}
+        out: list[SpooledMessage] = []
+        for seq in segment_seqs(logdir):
+            seg = logdir / f"{seq_name(seq)}.seg"
+            try:
+                raw = seg.read_bytes()
+                st = os.stat(seg)
+            except FileNotFoundError:
+                continue  # retired meanwhile
+            claims = read_claims(logdir / f"{seq_name(seq)}.done")
+            for r in scan_segment(raw).records:
+                if r.qid in claims or r.qid in present:
+                    continue
+                journal, has_journal = self._journal(r.qid)
+                out.append(
+                    SpooledMessage(
+                        snapshot=r.parsed.snapshot,
+                        state=QueueState.ACTIVE,
+                        path=seg,
+                        data_offset=r.offset + r.parsed.data_offset,
+                        data_length=r.parsed.data_length,
+                        data_crc=r.parsed.data_crc,
+                        journal=journal,
+                        mtime=st.st_mtime,
+                        has_journal=has_journal,
+                    )
+                )
+        return out
+
+    def find_in_log(self, qid: str) -> SpooledMessage | None:
+        """``qid`` if it is live in one of this shard's segment files (from disk)."""
+        for msg in self.log_messages():
+            if msg.snapshot.queue_id == qid:
+                return msg
+        return None
+
+    def take_from_log(self, qid: str, *, to_hold: bool) -> bool:
+        """The operator takes a message live in a segment: create its marker (a running
+        scheduler stops before the next delivery of it), write it into ``hold/`` (if
+        ``to_hold``), then append ``QID taken`` to the segment's ``.done`` file. The
+        first ``.done`` line for the id decides: if the scheduler's came first (it
+        delivered or deferred the message meanwhile), the hold copy is removed again and
+        False is returned (look for the message in the state directories again)."""
+        self._check_id(qid)
+        msg = self.find_in_log(qid)
+        if msg is None:
+            return False
+        logdir = self.path / LOG_DIR
+        seq = int(msg.path.name.removesuffix(".seg"))
+        marker = logdir / "taken" / marker_name(seq, qid)
+        (logdir / "taken").mkdir(exist_ok=True, mode=DIR_MODE)
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        except FileExistsError:
+            return False  # another operator command is taking it
+        held = False
+        try:
+            if to_hold:
+                data = self.read_data(msg)
+                prefix, _ = encode(msg.snapshot, data)
+                held = bool(self._write_files([(qid, prefix + data)], QueueState.HOLD))
+                if not held:
+                    raise QueueError(f"{qid}: already in hold/")
+            done = logdir / f"{seq_name(seq)}.done"
+            try:
+                fd = os.open(done, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except FileNotFoundError:  # the segment was retired: the message left
+                fd = -1
+            try:
+                if fd < 0:
+                    raise _Gone
+                os.write(fd, b"\n%s %s\n" % (qid.encode("ascii"), TAKEN))
+                if self.fsync:
+                    os.fdatasync(fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if claim_winner(done, qid) == TAKEN:
+                return True
+        except _Gone:
+            pass
+        except BaseException:
+            if held:
+                self.remove(qid, QueueState.HOLD)
+                self.fsync_dir(QueueState.HOLD)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+            raise
+        if held:  # the scheduler was first: it owns the message
+            self.remove(qid, QueueState.HOLD)
+            self.fsync_dir(QueueState.HOLD)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+        return False
 
     @staticmethod
     def shards(root: Path | str) -> list[str]:
@@ -589,7 +1008,9 @@ class Spool:
         return moved
 
     def adopt(self, other: Spool) -> list[str]:
-        """Move all messages (with their journals) of ``other`` into this shard."""
+        """Move all messages (with their journals) of ``other`` into this shard (its
+        segment log is materialised first)."""
+        other.recover_log()
         moved: list[str] = []
         for state in (*QUEUED_STATES, QueueState.CORRUPT):
             for qid in other.ids(state):
