@@ -4,6 +4,8 @@
 - ``postfix_factory.downstream(domains, users, start=True)`` and
   ``postfix_factory.upstream(relay_port)`` -> ``PostfixInstance`` (tests/support/postfix.py)
 - ``gateway_factory(**config)`` -> a ``Gateway`` subprocess (tests/support/gateway.py)
+- ``pg_database`` -> a fresh PostgreSQL database per test module (tests/support/postgres.py);
+  ``db_url`` -> ``[database] url`` once for SQLite, once for PostgreSQL (parametrized)
 
 Each Postfix/Dovecot instance lives in its own ``/tmp/mw-*`` directory, linked from the
 test's ``tmp_path`` (``dv1``, ``pf1``, ...) and removed in teardown: daemons running as
@@ -120,6 +122,28 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for g in made:
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_database(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh PostgreSQL database for this test module, dropped after it (a ``PgDatabase``
+    of tests/support/postgres.py; PostgreSQL not reachable = the test fails)."""
+    from tests.support.postgres import PgDatabase
+
+    db = PgDatabase.create(request.module.__name__.rsplit(".", 1)[-1])
+    yield db
+    db.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """``[database] url`` for each backend the store supports: ``""`` (SQLite under the
+    config's ``state_dir``) or this module's PostgreSQL database, emptied for the test."""
+    if request.param == "sqlite":
+        return ""
+    pg = request.getfixturevalue("pg_database")
+    pg.reset()
+    return str(pg.url)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -38,10 +38,12 @@ def auth_settings(**overrides: Any) -> AuthSettings:
     return AuthSettings.model_validate(data)
 
 
-def store_config(tmp_path: Path, **auth: Any) -> Config:
+def store_config(tmp_path: Path, url: str = "", **auth: Any) -> Config:
+    """A config whose store is SQLite under ``tmp_path/var`` or, with ``url``, PostgreSQL."""
     return default_config(
         gateway={"hostname": "mx.test.example", "state_dir": str(tmp_path / "var")},
         auth={"argon2": FAST_ARGON2} | NO_THROTTLE | auth,
+        database={"url": url},
     )
 
 

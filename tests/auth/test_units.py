@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -106,8 +107,8 @@ def test_escape_login() -> None:
     assert escape_login("x" * 400).endswith("...")
 
 
-def test_database_backend_rehash_and_disabled(tmp_path: Path) -> None:
-    cfg = store_config(tmp_path)
+def test_database_backend_rehash_and_disabled(tmp_path: Path, db_url: str) -> None:
+    cfg = store_config(tmp_path, db_url)
     store = user_store(cfg, {"alice": "pw-alice-1", "bob": "pw-bob-1"}, disabled=("bob",))
     old_hash = user_table.get_user(store, "alice").password_hash  # type: ignore[union-attr]
     svc = database_service(cfg, store)
@@ -154,6 +155,23 @@ def test_database_down_is_tempfail(tmp_path: Path) -> None:
     try:
         result = asyncio.run(svc.attempt("192.0.2.1", "alice", "pw-alice-1"))
         assert result.outcome is Outcome.TEMPFAIL
+    finally:
+        svc.close()
+
+
+def test_postgresql_down_is_tempfail_and_recovers(tmp_path: Path, pg_database: Any) -> None:
+    pg_database.reset()
+    cfg = store_config(tmp_path, pg_database.url)
+    svc = database_service(cfg, user_store(cfg, {"alice": "pw-alice-1"}))
+    try:
+        pg_database.refuse_connections()
+        try:
+            result = asyncio.run(svc.attempt("192.0.2.1", "alice", "pw-alice-1"))
+            assert result.outcome is Outcome.TEMPFAIL
+        finally:
+            pg_database.allow_connections()
+        result = asyncio.run(svc.attempt("192.0.2.1", "alice", "pw-alice-1"))
+        assert result.outcome is Outcome.OK
     finally:
         svc.close()
 

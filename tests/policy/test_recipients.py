@@ -113,11 +113,12 @@ async def test_callout_to_a_dead_server_is_tempfail() -> None:
     assert await d.lookup("alice@dept.example.edu") is Lookup.TEMPFAIL
 
 
-def _policy(tmp_path: Path, **policy: object) -> Policy:
+def _policy(tmp_path: Path, url: str = "", **policy: object) -> Policy:
     cfg = default_config(
         gateway={"state_dir": str(tmp_path), "hosted_domains": ["example.edu", "dept.example.edu"]},
         delivery={"transports": {"example.edu": "maildir", "dept.example.edu": "maildir"}},
         policy=policy,
+        database={"url": url},
     )
     return Policy(cfg)
 
@@ -145,10 +146,10 @@ async def test_static_directory_and_role_accounts(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_database_directory_follows_the_users_table(tmp_path: Path) -> None:
+async def test_database_directory_follows_the_users_table(tmp_path: Path, db_url: str) -> None:
     from mailwarden.store.schema import users
 
-    p = _policy(tmp_path, default_directory="database", registry_refresh=0.05)
+    p = _policy(tmp_path, db_url, default_directory="database", registry_refresh=0.05)
     assert await _rcpt(p, "dana@example.edu") == "451 4.3.0"  # not loaded: never accept
     await p.start()
     try:

@@ -8,6 +8,12 @@ database's change serials moved (``mailwarden senders add`` in another process s
 within that time). New blocks are written to the database on its thread pool; the event
 loop never waits on the database or (with the memory backend) on counters.
 
+While the database is down (a PostgreSQL restart, say) the caches stay as they were: relay
+decisions keep being made from them and each failed refresh is a ``policy.refresh_error``
+event. A block that could not be written then (``policy.store_error``) stays in force in
+this worker and is written after the next successful refresh, so the other workers and
+nodes get it too.
+
 Public names: ``PolicyState``.
 Security: loads operator data; a registered sender outside the campus networks (SU-3) is
 ignored with a ``policy.config_error`` event instead of being trusted.
@@ -55,6 +61,7 @@ class PolicyState:
         self._serials: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._unsaved: dict[str, tuple[str, float]] = {}  # blocks to write when the db is back
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self, store: Store | None = None) -> None:
@@ -107,6 +114,9 @@ class PolicyState:
             self.sender_logins = logins
             self.recipients.database.replace(a for addrs in logins.values() for a in addrs)
         self._serials = serials
+        unsaved, self._unsaved = self._unsaved, {}
+        for ip, (reason, until) in unsaved.items():  # the database answers again
+            self._persist_block(ip, reason, until)
 
     @staticmethod
     def _read_serials(store: Store) -> dict[str, int]:
@@ -140,6 +150,8 @@ class PolicyState:
                 self.blocks.persisted(ip)
             except Exception as exc:
                 emit("policy.store_error", op="add_block", client=ip, error=type(exc).__name__)
+                old = self._unsaved.get(ip)
+                self._unsaved[ip] = (reason, max(until, old[1] if old else until))
 
         task = asyncio.get_running_loop().create_task(write())
         self._writes.add(task)

@@ -3,7 +3,13 @@ remove them (``mailwarden blocks``). A block is active while ``until`` is in the
 
 Public names: ``Block``, ``add_block``, ``list_blocks``, ``remove_block``,
 ``active_blocks``, ``purge_expired``.
-Security: addresses are canonicalised with ``ipaddress`` before storage and lookup.
+``add_block`` is one ``INSERT ... ON CONFLICT DO UPDATE`` (SQLite and PostgreSQL): two
+gateway workers blocking the same address at once both succeed, and the later ``until``
+wins whatever the order.
+
+Security: client addresses come from SMTP peers (via the harvest defence) or operators;
+they are canonicalised with ``ipaddress`` before storage and lookup, reasons are cut to
+``MAX_REASON`` characters.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import case, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from mailwarden.errors import StoreError
 from mailwarden.store.db import Store, bump_serial
@@ -50,30 +57,39 @@ def add_block(store: Store, address: str, reason: str, until: float) -> Block:
     addr = canonical_ip(address)
     now = time.time()
     reason = reason[:MAX_REASON]
+    dialect = postgresql if store.engine.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(blocks).values(address=addr, reason=reason, until=until, created=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[blocks.c.address],
+        set_={
+            "reason": stmt.excluded.reason,
+            "until": case(
+                (stmt.excluded.until > blocks.c.until, stmt.excluded.until),
+                else_=blocks.c.until,
+            ),
+            "created": stmt.excluded.created,
+        },
+    )
     with store.engine.begin() as conn:
-        old = conn.execute(select(blocks.c.until).where(blocks.c.address == addr)).scalar()
-        if old is None:
-            conn.execute(
-                blocks.insert().values(address=addr, reason=reason, until=until, created=now)
-            )
-        else:
-            conn.execute(
-                blocks.update()
-                .where(blocks.c.address == addr)
-                .values(reason=reason, until=max(until, float(old)), created=now)
-            )
+        conn.execute(stmt)
         bump_serial(conn, BLOCKS_SERIAL)
     return Block(addr, reason, until, now)
 
 
 def list_blocks(store: Store, *, include_expired: bool = False) -> list[Block]:
     now = time.time()
-    q = select(blocks).order_by(blocks.c.address)
+    q = select(blocks)
     if not include_expired:
         q = q.where(blocks.c.until > now)
     with store.engine.connect() as conn:
         rows = conn.execute(q).mappings().all()
-    return [Block(r["address"], r["reason"], float(r["until"]), float(r["created"])) for r in rows]
+    out = [Block(r["address"], r["reason"], float(r["until"]), float(r["created"])) for r in rows]
+    return sorted(out, key=_ip_order)  # numeric order, not the server's text collation
+
+
+def _ip_order(b: Block) -> tuple[int, int]:
+    ip = ipaddress.ip_address(b.address)
+    return ip.version, int(ip)
 
 
 def active_blocks(store: Store) -> dict[str, float]:

@@ -6,9 +6,20 @@ version and returns a ``Store``. ``Store.call(fn, *args)`` runs a blocking funct
 store's own small thread pool so the event loop never waits on the database; CLI commands
 call the same functions directly.
 
-Public names: ``Store``, ``open_store``, ``SCHEMA_VERSION``.
-Security: the SQLite file is created mode 0600; the URL's password is never logged
-(``DatabaseSettings.safe_url``). All SQL is built by SQLAlchemy with bound parameters.
+PostgreSQL (``postgresql+psycopg://``): a bounded pool (``[database] pool_size``, no
+overflow) whose connections are pinged before use, so connections the server dropped (a
+restart, ``pg_terminate_backend``, an idle timeout) are replaced transparently; while the
+server is down each call fails fast with ``OperationalError`` (callers answer 4xx) and the
+first call after it is back succeeds. Every session gets ``lock_timeout`` (``busy_timeout``)
+and a ``connect_timeout``. Schema creation holds a transaction-scoped advisory lock, so
+gateway nodes and CLI commands that start at once on an empty database do not collide.
+``bump_serial`` increments in SQL (no lost update between two writers).
+
+Public names: ``Store``, ``open_store``, ``bump_serial``, ``SCHEMA_VERSION``.
+Security: the SQLite file is created mode 0600; the URL's password is never logged or
+printed: labels use ``DatabaseSettings.safe_url`` and error texts (which may quote the
+driver) pass through ``DatabaseSettings.redact``. All SQL is built by SQLAlchemy with bound
+parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +32,19 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    String,
+    cast,
+    create_engine,
+    event,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from mailwarden.core.sqlite import enable_wal
@@ -42,6 +65,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DB_THREADS = 2  # threads per process for database calls (SQLite has one writer anyway)
 DB_FILE = "mailwarden.db"
+CONNECT_TIMEOUT = 10  # seconds for a new PostgreSQL connection (libpq connect_timeout)
+POOL_RECYCLE = 1800  # seconds; older PostgreSQL connections are replaced (idle firewalls)
+APPLICATION_NAME = "mailwarden"  # pg_stat_activity.application_name of our sessions
+SCHEMA_LOCK = 0x6D77_5343  # pg_advisory_xact_lock key held while the schema is created
+INIT_ATTEMPTS = 3  # schema creation tries (SQLite: several processes may race)
 
 __all__ = ["SCHEMA_VERSION", "Store", "open_store"]
 
@@ -91,12 +119,18 @@ class Store:
 
 
 def bump_serial(conn: Connection, key: str) -> None:
-    """Increment change serial ``key`` inside the caller's transaction."""
-    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
-    if row is None:
+    """Increment change serial ``key`` inside the caller's transaction.
+
+    One ``UPDATE ... SET value = value + 1``: two writers in different processes never
+    both write the same new value (a read-then-write would lose one increment on
+    PostgreSQL, and a reader could then miss the second change)."""
+    res = conn.execute(
+        update(meta)
+        .where(meta.c.key == key)
+        .values(value=cast(cast(meta.c.value, BigInteger) + 1, String))
+    )
+    if not res.rowcount:  # a database made before the serial existed
         conn.execute(meta.insert().values(key=key, value="1"))
-    else:
-        conn.execute(update(meta).where(meta.c.key == key).values(value=str(int(row) + 1)))
 
 
 def database_url(settings: DatabaseSettings, state_dir: Path) -> str:
@@ -121,18 +155,39 @@ def make_engine(settings: DatabaseSettings, state_dir: Path) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas(int(settings.busy_timeout * 1000)))
         return engine
+    parsed = make_url(url)
     lock_ms = int(settings.busy_timeout * 1000)
+    options = f"-c lock_timeout={lock_ms}"
+    given = parsed.query.get("options")
+    if given:  # the operator's own options (from the URL) come first
+        options = f"{given if isinstance(given, str) else ' '.join(given)} {options}"
+    args: dict[str, Any] = {"options": options}
+    if "connect_timeout" not in parsed.query:
+        args["connect_timeout"] = CONNECT_TIMEOUT
+    if "application_name" not in parsed.query:
+        args["application_name"] = APPLICATION_NAME
     return create_engine(
-        url,
+        parsed,
         pool_size=settings.pool_size,
-        pool_pre_ping=True,
-        connect_args={"options": f"-c lock_timeout={lock_ms}"},
+        max_overflow=0,  # pool_size is the cap: nodes x workers x pool_size <= max_connections
+        pool_timeout=CONNECT_TIMEOUT + settings.busy_timeout,
+        pool_pre_ping=True,  # replace connections the server dropped before using them
+        pool_recycle=POOL_RECYCLE,
+        connect_args=args,
     )
 
 
 def _init_schema(engine: Engine) -> None:
-    metadata.create_all(engine, checkfirst=True)
-    with engine.begin() as conn:
+    """Create the tables and the ``meta`` rows once, whoever else is starting right now."""
+    with engine.connect() as conn:
+        # One creator at a time, the check and the creation in one transaction: SQLite
+        # takes the write lock first (waiting up to busy_timeout), PostgreSQL an advisory
+        # lock (its DDL is transactional, so the next one in sees every table or none).
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+        metadata.create_all(conn, checkfirst=True)
         current = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
         if current is None:
             conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -143,22 +198,32 @@ def _init_schema(engine: Engine) -> None:
                 f"the database schema is version {current}, newer than this mailwarden "
                 f"({SCHEMA_VERSION}): upgrade mailwarden"
             )
+        conn.commit()
 
 
 def open_store(cfg: Config) -> Store:
     """Open (and create if needed) the configured database; raise ``StoreError``."""
     settings: DatabaseSettings = cfg.database
-    engine = make_engine(settings, cfg.state_path)
     label = settings.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}"
-    for attempt in range(3):  # several processes may create the schema at once
+    try:
+        engine = make_engine(settings, cfg.state_path)
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+        # e.g. a driver that is not installed; never echo the URL's password
+        raise StoreError(f"cannot open the database {label}: {settings.redact(str(exc))}") from None
+    for attempt in range(INIT_ATTEMPTS):
         try:
             _init_schema(engine)
             break
         except (OperationalError, IntegrityError) as exc:
-            if attempt == 2:
+            if attempt == INIT_ATTEMPTS - 1:
                 engine.dispose()
-                raise StoreError(f"cannot initialise the database {label}: {exc.orig}") from exc
+                reason = settings.redact(str(exc.orig)).strip()
+                raise StoreError(f"cannot initialise the database {label}: {reason}") from None
         except SQLAlchemyError as exc:
             engine.dispose()
-            raise StoreError(f"cannot open the database {label}: {exc}") from exc
+            reason = settings.redact(str(exc)).strip()
+            raise StoreError(f"cannot open the database {label}: {reason}") from None
+        except StoreError:
+            engine.dispose()
+            raise
     return Store(engine, settings, label)

@@ -7,7 +7,9 @@ that does not lie inside the campus networks (SU-3) with a message saying so.
 Public names: ``RegisteredSender``, ``parse_network``, ``add_sender``, ``list_senders``,
 ``remove_sender``.
 Security: operator input (CLI); networks are parsed strictly with ``ipaddress`` and domains
-validated; the stored form is canonical so lookups cannot be fooled by spelling.
+validated; the stored form is canonical so lookups cannot be fooled by spelling. Names
+longer than the column (``MAX_NAME``) are refused here, the same on SQLite (which would
+store them) and PostgreSQL (which would fail); ``added_by`` is cut to fit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mailwarden.store.schema import SENDERS_SERIAL, senders
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_DOMAINS = 1000  # domains per registered sender
+MAX_NAME = 200  # characters of name and added_by (the columns' length)
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}$")
 
 
@@ -106,8 +109,12 @@ def add_sender(
             "sender must be on a campus network (SU-3); fix the address or "
             "[policy] campus_networks"
         )
+    name = name.strip()
+    if len(name) > MAX_NAME or not name.isprintable():
+        raise StoreError(f"the name must be printable and at most {MAX_NAME} characters")
+    added_by = "".join(ch for ch in added_by if ch.isprintable())[:MAX_NAME]
     now = time.time()
-    row = RegisteredSender(net, name.strip(), doms, added_by, now)
+    row = RegisteredSender(net, name, doms, added_by, now)
     try:
         with store.engine.begin() as conn:
             conn.execute(
@@ -126,10 +133,10 @@ def add_sender(
 
 
 def list_senders(store: Store) -> list[RegisteredSender]:
-    """Every registered sender in the database, ordered by network."""
+    """Every registered sender in the database, IPv4 then IPv6, in address order."""
     with store.engine.connect() as conn:
-        rows = conn.execute(select(senders).order_by(senders.c.network)).mappings().all()
-    return [
+        rows = conn.execute(select(senders)).mappings().all()
+    out = [
         RegisteredSender(
             ipaddress.ip_network(r["network"]),
             r["name"],
@@ -139,6 +146,8 @@ def list_senders(store: Store) -> list[RegisteredSender]:
         )
         for r in rows
     ]
+    # Numeric order (IPv4 first), not the text collation of whichever database it is.
+    return sorted(out, key=lambda s: (s.network.version, s.network))
 
 
 def remove_sender(store: Store, network: str) -> bool:

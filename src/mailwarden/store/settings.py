@@ -4,23 +4,66 @@ Example (TOML)::
 
     [database]
     url = "postgresql+psycopg://mailwarden:SECRET@db.example.edu/mailwarden"
+    # or over the local Unix socket (peer/trust authentication, no password):
+    url = "postgresql+psycopg://mailwarden@/mailwarden?host=/var/run/postgresql"
 
 An empty ``url`` (the default) is SQLite in WAL mode at ``state_dir/mailwarden.db``.
 
-Public names: ``DatabaseSettings``.
-Security: operator-supplied; the URL may carry a password, so ``DatabaseSettings.safe_url``
-is what gets printed or logged.
+Public names: ``DatabaseSettings``, ``redact_url``.
+Security: operator-supplied; the URL may carry a password (in the user part or as a
+``password=`` query parameter), so ``DatabaseSettings.safe_url`` is what gets printed or
+logged and ``DatabaseSettings.redact(text)`` scrubs the password out of any message (a
+driver's error text included) before it is shown. The URL is parsed when the config is
+loaded, so a malformed one is a config error that does not echo it.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from mailwarden.core.durations import Duration
 
 _URL = re.compile(r"^(sqlite|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
+# The user part's password: from the ":" after the user name to the "@" (SQLAlchemy's own
+# reading; the validator refuses a second "@" before the host, which would be ambiguous).
+_USERINFO = re.compile(r"(://[^:/@?]*:)[^@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password (user part and ``password=`` parameter) as ``***``."""
+    text = _USERINFO.sub(rf"\1{HIDDEN}@", url, count=1)
+    return _QUERY_PASSWORD.sub(rf"\1{HIDDEN}", text)
+
+
+def _passwords(url: str) -> list[str]:
+    """Every spelling of the URL's password(s) that could show up in a message."""
+    found: list[str] = []
+    m = _USERINFO.search(url)
+    if m:  # as written (percent-encoded, perhaps)
+        found.append(m.group(0)[len(m.group(1)) : -1])
+    found += [q.group(0)[len(q.group(1)) :] for q in _QUERY_PASSWORD.finditer(url)]
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        pass
+    else:  # as SQLAlchemy hands it to the driver
+        if parsed.password:
+            found.append(str(parsed.password))
+        given = parsed.query.get("password")
+        found += [given] if isinstance(given, str) else list(given or ())
+    out: list[str] = []
+    for p in found:
+        for form in (p, unquote(p)):
+            if form and form not in out:
+                out.append(form)
+    return sorted(out, key=len, reverse=True)  # longest first: no partial leftovers
 
 
 class DatabaseSettings(BaseModel):
@@ -37,14 +80,34 @@ class DatabaseSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if v and not _URL.match(v):
+        if not v:
+            return v
+        if not _URL.match(v):
             raise ValueError(
                 "database url must start with sqlite:// or postgresql+DRIVER:// "
                 "(e.g. postgresql+psycopg://user:pass@host/db)"
             )
+        netloc = v.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        try:
+            make_url(v)
+            if netloc.count("@") > 1:
+                raise ValueError("two @ before the host")
+        except (ArgumentError, ValueError):
+            # The message must not echo the URL: it may hold a password.
+            raise ValueError(
+                "database url is malformed (expected postgresql+psycopg://USER:PASSWORD@"
+                "HOST[:PORT]/DB or postgresql+psycopg://USER@/DB?host=/SOCKET/DIR; "
+                "percent-encode '@', ':' and '/' in the password)"
+            ) from None
         return v
 
     @property
     def safe_url(self) -> str:
         """The URL with any password replaced by ``***``."""
-        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", self.url)
+        return redact_url(self.url)
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message, say) with the URL's password replaced by ``***``."""
+        for secret in _passwords(self.url):
+            text = text.replace(secret, HIDDEN)
+        return text

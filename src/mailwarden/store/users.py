@@ -2,7 +2,9 @@
 
 Blocking functions over an open ``Store`` (the gateway runs them through ``Store.call``,
 CLI commands call them directly). Logins are stored normalised (``auth.base.normalise_login``:
-lower case, no outer blanks), which is also the form ``Session.auth_user`` takes. Every write
+lower case, no outer blanks), which is also the form ``Session.auth_user`` takes; every
+lookup normalises too, so case-insensitivity never depends on the database's collation or
+``lower()`` (SQLite and PostgreSQL disagree on non-ASCII). Every write
 bumps the ``users_serial`` change serial in the same transaction. The policy needs only
 ``sender_addresses``/``sender_login_map``: the envelope senders a login may use (the
 sender-login map); a disabled or unknown user may use none.
@@ -121,15 +123,18 @@ def set_disabled(store: Store, login: str, disabled: bool) -> bool:
 
 def list_users(store: Store) -> list[UserRow]:
     with store.engine.connect() as conn:
-        rows = conn.execute(select(users).order_by(users.c.login)).all()
-    return [_row(r) for r in rows]
+        rows = conn.execute(select(users)).all()
+    # Sorted here: ORDER BY would follow the database's collation (differs between servers).
+    return sorted((_row(r) for r in rows), key=lambda u: u.login)
 
 
 def sender_addresses(store: Store, login: str) -> frozenset[str]:
     """Lower-cased envelope senders ``login`` may use (empty if unknown or disabled)."""
     with store.engine.connect() as conn:
         row = conn.execute(
-            select(users.c.addresses, users.c.disabled).where(users.c.login == login)
+            select(users.c.addresses, users.c.disabled).where(
+                users.c.login == normalise_login(login)
+            )
         ).first()
     if row is None or row.disabled:
         return frozenset()

@@ -1,0 +1,149 @@
+"""The store on a real PostgreSQL server, what only PostgreSQL has: session settings from the
+config and the URL, a bounded pool, connections the server killed are replaced without an
+error, a database that is down fails fast (AUTH answers TEMPFAIL, the policy keeps its
+caches) and is used again as soon as it is back, and a writer gives up at ``lock_timeout``
+instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from mailwarden import store
+from mailwarden.auth.base import AuthResult
+from mailwarden.auth.database import DatabaseAuthenticator
+from mailwarden.auth.passwords import Hasher
+from mailwarden.auth.settings import Argon2Settings
+from mailwarden.config import Config, default_config
+from mailwarden.errors import StoreError
+from mailwarden.store.blocks import add_block, list_blocks
+from mailwarden.store.db import DB_THREADS
+from mailwarden.store.senders import add_sender, list_senders
+from mailwarden.store.users import add_user
+from tests.support.postgres import PgDatabase, admin_connect
+from tests.support.tmpdirs import poll
+
+FAST_ARGON2 = Argon2Settings(time_cost=1, memory_cost=1024, parallelism=1)
+CAMPUS = [ipaddress.ip_network("10.0.0.0/8")]
+
+
+def _config(tmp_path: Path, url: str, **database: Any) -> Config:
+    return default_config(gateway={"state_dir": str(tmp_path)}, database={"url": url} | database)
+
+
+@pytest.fixture
+def pg(pg_database: PgDatabase) -> PgDatabase:
+    pg_database.allow_connections()  # in case a failed test left it refused
+    pg_database.reset()
+    return pg_database
+
+
+def test_session_settings_from_config_and_url(tmp_path: Path, pg: PgDatabase) -> None:
+    # The operator's own libpq options in the URL are kept next to ours.
+    url = pg.url + "&options=-c%20TimeZone%3DPacific/Chatham"
+    db = store.open(_config(tmp_path, url, busy_timeout=1.5))
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SHOW lock_timeout")).scalar() == "1500ms"
+            assert conn.execute(text("SHOW TimeZone")).scalar() == "Pacific/Chatham"
+            assert conn.execute(text("SHOW application_name")).scalar() == "mailwarden"
+            assert conn.execute(text("SELECT current_user")).scalar() == "mailwarden_test"
+            superuser = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            assert conn.execute(text(superuser)).scalar() is False
+        # Times are epoch seconds: the session's time zone changes nothing.
+        s = add_sender(db, "10.9.9.9", name="x", domains=["a.example"], campus=CAMPUS)
+        assert list_senders(db)[0].added_at == s.added_at
+        add_block(db, "192.0.2.1", "x", time.time() + 3600)
+        add_block(db, "192.0.2.2", "x", time.time() - 1)
+        assert [b.address for b in list_blocks(db)] == ["192.0.2.1"]
+    finally:
+        db.close()
+
+
+def test_pool_is_bounded(tmp_path: Path, pg: PgDatabase) -> None:
+    db = store.open(_config(tmp_path, pg.url, pool_size=3))
+    try:
+        assert db.engine.pool.size() == 3  # type: ignore[attr-defined]
+        assert db.engine.pool._max_overflow == 0  # type: ignore[attr-defined]
+
+        async def burst() -> None:
+            await asyncio.gather(*(db.call(list_senders, db) for _ in range(50)))
+
+        asyncio.run(burst())
+        # Calls run on DB_THREADS threads: never more sessions than that (and pool_size).
+        assert 1 <= len(pg.sessions("mailwarden")) <= min(3, DB_THREADS)
+    finally:
+        db.close()
+    # close() ends every connection (the server notices within moments).
+    poll(lambda: pg.sessions("mailwarden") == [], 30, what="the sessions to end")
+
+
+def test_connections_killed_by_the_server_are_replaced(tmp_path: Path, pg: PgDatabase) -> None:
+    db = store.open(_config(tmp_path, pg.url))
+    try:
+        add_sender(db, "10.1.1.1", name="a", domains=["a.example"], campus=CAMPUS)
+        before = set(pg.sessions("mailwarden"))
+        assert before
+        assert pg.terminate() >= len(before)  # what a server restart does to its clients
+        # The next calls get new connections, no error reaches the caller.
+        assert [str(s.network) for s in list_senders(db)] == ["10.1.1.1/32"]
+        add_sender(db, "10.1.1.2", name="b", domains=["a.example"], campus=CAMPUS)
+        poll(
+            lambda: not before & set(pg.sessions("mailwarden")),
+            30,
+            what="the terminated sessions to go",
+        )
+    finally:
+        db.close()
+
+
+def test_database_down_fails_fast_and_recovers(tmp_path: Path, pg: PgDatabase) -> None:
+    cfg = _config(tmp_path, pg.url)
+    db = store.open(cfg)
+    hasher = Hasher(FAST_ARGON2)
+    add_user(db, "alice", hasher.hash("pw-alice-1"), ["alice@example.edu"])
+    auth = DatabaseAuthenticator(db, hasher)
+
+    async def login() -> AuthResult:
+        return await auth.authenticate("Alice", "pw-alice-1")
+
+    try:
+        assert asyncio.run(login()) is AuthResult.OK
+        pg.refuse_connections()
+        try:
+            with pytest.raises(OperationalError, match="not currently accepting connections"):
+                list_senders(db)
+            assert asyncio.run(login()) is AuthResult.TEMPFAIL  # SMTP: 454 4.7.0
+            with pytest.raises(StoreError):
+                store.open(cfg)  # a gateway starting now stops with a clear error
+        finally:
+            pg.allow_connections()
+        # Back: the same Store (same engine and pool) works again.
+        assert asyncio.run(login()) is AuthResult.OK
+        assert list_senders(db) == []
+    finally:
+        auth.close()  # closes db too
+
+
+def test_writer_gives_up_at_lock_timeout(tmp_path: Path, pg: PgDatabase) -> None:
+    db = store.open(_config(tmp_path, pg.url, busy_timeout=0.3))
+    try:
+        with admin_connect(pg.name) as holder:
+            holder.autocommit = False
+            holder.execute("LOCK TABLE blocks IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(OperationalError) as info:
+                add_block(db, "192.0.2.1", "x", time.time() + 60)
+            assert isinstance(info.value.orig, psycopg.errors.LockNotAvailable)
+            holder.rollback()
+        add_block(db, "192.0.2.1", "x", time.time() + 60)  # the lock is gone: it works
+        assert [b.address for b in list_blocks(db)] == ["192.0.2.1"]
+    finally:
+        db.close()
