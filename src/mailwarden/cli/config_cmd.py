@@ -1,6 +1,7 @@
 """``mailwarden config check|show``: validate a configuration file, print the effective one.
 
-Security: reads an operator-supplied file; prints its values (no secrets live in it).
+Security: reads an operator-supplied file; prints its values, except that the password in
+``[database] url`` is shown as ``***`` (``DatabaseSettings.safe_url``).
 """
 
 from __future__ import annotations
@@ -48,5 +49,7 @@ def _show(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     else:
         cfg = default_config()
-    print(json.dumps(cfg.model_dump(), indent=2))
+    data = cfg.model_dump()
+    data["database"]["url"] = cfg.database.safe_url  # never print the database password
+    print(json.dumps(data, indent=2))
     return EXIT_OK
