@@ -2,8 +2,10 @@
 
 ``ClamdScanner(settings)`` is a ``Scanner`` named ``CLAMAV``. Each scan opens its own
 connection (a Unix-socket connect costs ~0.05 ms, less than keeping IDSESSION state
-right; concurrency is capped by ``max_concurrent``), sends ``zINSTREAM\\0``, the message in
-chunks with 4-byte big-endian lengths, a zero-length terminator, and parses the reply:
+right: clamd closes the connection after an INSTREAM outside a session, and inside one a
+failed scan or its idle timeout closes it; concurrency is capped by ``max_concurrent``),
+sends ``zINSTREAM\\0``, the message in chunks with 4-byte big-endian lengths (one write for
+a message up to ``chunk_size``), a zero-length terminator, and parses the reply:
 
 - ``stream: OK`` -> no symbol;
 - ``stream: NAME FOUND`` -> ``CLAMAV_VIRUS`` (detail NAME), or ``CLAMAV_HEURISTIC`` for
@@ -143,37 +145,109 @@ class ClamdClient:
     async def instream(self, data: bytes) -> bytes:
         """Stream ``data`` with INSTREAM and return clamd's reply.
 
-        The reply is read concurrently with the upload: clamd answers early and closes
-        (``INSTREAM size limit exceeded``), and a reader that only starts after the upload
-        would see the broken pipe instead of the reason.
+        One ``asyncio.Protocol`` per scan, no streams: a message up to ``chunk_size`` goes
+        out in a single write (command, chunk, terminator). The reply is collected while
+        the upload runs: clamd answers early and closes (``INSTREAM size limit
+        exceeded``), and a reader that only started after the upload would see the broken
+        pipe instead of the reason.
         """
-        reader, writer = await self._open()
-        reply = asyncio.ensure_future(_read_reply(reader))
+        loop = asyncio.get_running_loop()
         try:
-            try:
-                writer.write(b"zINSTREAM\0")
-                view = memoryview(data)
-                for start in range(0, len(view), self.chunk_size):
-                    if reply.done():
-                        break
-                    chunk = view[start : start + self.chunk_size]
-                    writer.write(struct.pack(">I", len(chunk)))
-                    writer.write(chunk)
-                    await writer.drain()
+            async with asyncio.timeout(self.connect_timeout):
+                if self.address.startswith("/"):
+                    transport, proto = await loop.create_unix_connection(
+                        _InstreamProtocol, self.address
+                    )
                 else:
-                    writer.write(struct.pack(">I", 0))
-                    await writer.drain()
-            except OSError:
-                pass  # clamd closed early; its reply (if any) says why
-            return await reply
-        except OSError as exc:
-            raise ClamdError(f"clamd connection failed: {exc}") from exc
+                    host, _, port = self.address.rpartition(":")
+                    transport, proto = await loop.create_connection(
+                        _InstreamProtocol, host.strip("[]"), int(port)
+                    )
+        except TimeoutError as exc:
+            raise ClamdError(f"connect to {self.address} timed out") from exc
+        except (OSError, ValueError) as exc:
+            raise ClamdError(f"cannot connect to {self.address}: {exc}") from exc
+        try:
+            size = len(data)
+            if size <= self.chunk_size:
+                transport.write(
+                    b"".join((b"zINSTREAM\0", struct.pack(">I", size), data, _END_OF_STREAM))
+                    if size
+                    else b"zINSTREAM\0" + _END_OF_STREAM
+                )
+            else:
+                transport.write(b"zINSTREAM\0")
+                view = memoryview(data)
+                for start in range(0, size, self.chunk_size):
+                    await proto.writable()
+                    if proto.reply.done():
+                        break  # clamd answered (or closed) early; its reply says why
+                    chunk = view[start : start + self.chunk_size]
+                    transport.write(struct.pack(">I", len(chunk)))
+                    transport.write(chunk)
+                else:
+                    transport.write(_END_OF_STREAM)
+            return await proto.reply
         finally:
-            if not reply.done():
-                reply.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reply
-            await _close(writer)
+            if proto.reply.done():
+                transport.close()
+            else:
+                transport.abort()  # cancelled or failed mid-upload
+
+
+_END_OF_STREAM = struct.pack(">I", 0)
+
+
+class _InstreamProtocol(asyncio.Protocol):
+    """Collects one NUL-terminated clamd reply; ``reply`` resolves with it (or fails)."""
+
+    def __init__(self) -> None:
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.buf = b""
+        self._resume: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply.done():
+            return
+        self.buf += data
+        if b"\0" in self.buf:
+            self.reply.set_result(self.buf.split(b"\0", 1)[0])
+        elif len(self.buf) > MAX_REPLY:
+            self.reply.set_exception(ClamdError("reply too long"))
+        if self.reply.done():
+            self.resume_writing()
+
+    def eof_received(self) -> bool:
+        self._finish(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc)
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self.reply.done():
+            return
+        if self.buf:  # clamd closed after an unterminated reply: take what it said
+            self.reply.set_result(self.buf)
+        elif exc is not None:
+            self.reply.set_exception(ClamdError(f"clamd connection failed: {exc}"))
+        else:
+            self.reply.set_exception(ClamdError("connection closed without a reply"))
+
+    def pause_writing(self) -> None:
+        if self._resume is None or self._resume.done():
+            self._resume = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    async def writable(self) -> None:
+        """Wait while the transport's buffer is full (a reply or a close also wakes us)."""
+        if self._resume is not None and not self.reply.done():
+            await self._resume
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> bytes:
