@@ -1,0 +1,165 @@
+"""End to end on PostgreSQL: the real gateway (two workers) with ``[database] url`` pointing
+at a fresh PostgreSQL database (over its Unix socket, as an unprivileged role).
+
+A campus server registered with ``mailwarden senders add`` while the gateway runs relays
+mail out through it to a private Postfix (the outside world, as the smarthost); a user made
+with ``mailwarden user add`` authenticates with SMTP AUTH on the submission listener and
+sends out too. Then the database goes away for real (its sessions terminated and new ones
+refused): AUTH answers ``454 4.7.0`` while relaying for the registered server goes on from
+the policy's cache; connections killed by the server (``pg_terminate_backend``) are
+replaced without a client noticing; once the database is back AUTH succeeds again and a
+sender registered meanwhile is picked up. The database password of the URL never shows in
+the events or the gateway's output.
+
+Security: the gateway and Postfix listen on 127.0.0.1 only; PostgreSQL is reached over its
+Unix socket; the test database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from typing import Any
+
+from tests.e2e.test_auth import FAST, PASSWORD, user_cli
+from tests.support.gateway import Gateway, client_tls_context
+from tests.support.ports import LOOPBACK
+from tests.support.postgres import PgDatabase
+from tests.support.tmpdirs import poll
+
+OUTSIDE = "outside.test"
+DAVE = f"dave@{OUTSIDE}"
+LAB = "127.0.0.70"
+LAB2 = "127.0.0.71"
+POLICY = {"campus_networks": ["127.0.0.1/32", "127.0.0.64/26"], "registry_refresh": 0.2}
+URL_PASSWORD = "Db-pass-5531"  # trust authentication ignores it; it must never be printed
+
+
+def message(sender: str, subject: str) -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <{DAVE}>\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@campus.test>\r\n"
+        "Date: Mon, 06 May 2024 10:00:00 +0000\r\n\r\nhello from campus\r\n"
+    ).encode()
+
+
+def rcpt_reply(gw: Gateway, source: str, sender: str) -> str:
+    with smtplib.SMTP(
+        LOOPBACK,
+        gw.smtp_port,
+        local_hostname="mail.lab.test",
+        timeout=60,
+        source_address=(source, 0),
+    ) as c:
+        c.ehlo()
+        c.mail(sender)
+        code, text = c.rcpt(DAVE)
+        return f"{code} {text.decode(errors='replace')}"
+
+
+def relay(gw: Gateway, source: str, sender: str, subject: str) -> None:
+    with smtplib.SMTP(
+        LOOPBACK,
+        gw.smtp_port,
+        local_hostname="mail.lab.test",
+        timeout=60,
+        source_address=(source, 0),
+    ) as c:
+        c.ehlo()
+        assert c.sendmail(sender, [DAVE], message(sender, subject)) == {}
+
+
+def auth_reply(gw: Gateway, password: str = PASSWORD) -> tuple[int, smtplib.SMTP | None]:
+    """AUTH PLAIN as alice on the submission listener after STARTTLS: (code, the session
+    if it succeeded, for sending)."""
+    c = gw.smtp(gw.submission_port)
+    c.ehlo()
+    c.starttls(context=client_tls_context())
+    c.ehlo()
+    c.user, c.password = "alice", password
+    try:
+        code, _ = c.auth("PLAIN", c.auth_plain)
+    except smtplib.SMTPAuthenticationError as exc:
+        c.quit()
+        return exc.smtp_code, None
+    return code, c
+
+
+def test_gateway_on_postgresql(
+    gateway_factory: Any, postfix_factory: Any, pg_database: PgDatabase
+) -> None:
+    pg_database.reset()
+    outside = postfix_factory.downstream([OUTSIDE], [DAVE])
+    url = pg_database.url.replace(f"//{pg_database.role}@", f"//{pg_database.role}:{URL_PASSWORD}@")
+    gw: Gateway = gateway_factory(
+        start=False,
+        workers=2,
+        delivery={"smarthost": f"{LOOPBACK}:{outside.port}"},
+        extra={"database": {"url": url}, "policy": POLICY, "auth": dict(FAST)},
+    )
+    outputs: list[str] = []
+    add = user_cli(
+        gw,
+        "add",
+        "alice",
+        "--address",
+        "alice@example.edu",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+    outputs += [add.stdout, add.stderr]
+    assert add.returncode == 0, add.stderr
+    gw.start()
+    assert f"{pg_database.role}:***@/{pg_database.name}" in gw.output()
+    assert pg_database.sessions("mailwarden")  # the workers really use PostgreSQL
+
+    # Not registered yet: SU-1 refusal. Registered with the CLI: relays within the refresh.
+    assert "not a registered" in rcpt_reply(gw, LAB, "list@lab.example.edu")
+    res = gw.cli("senders", "add", LAB, "--name", "lab", "--domain", "lab.example.edu")
+    outputs += [res.stdout, res.stderr]
+    poll(
+        lambda: rcpt_reply(gw, LAB, "list@lab.example.edu").startswith("250"),
+        30,
+        what="the registration to reach both workers",
+    )
+    relay(gw, LAB, "list@lab.example.edu", "relayed by the lab")
+
+    # SMTP AUTH against the users table in PostgreSQL, then mail out as alice.
+    code, c = auth_reply(gw)
+    assert code == 235 and c is not None
+    with c:
+        assert c.sendmail("alice@example.edu", [DAVE], message("alice@example.edu", "auth")) == {}
+    assert auth_reply(gw, "wrong-password-1")[0] == 535
+    got = outside.wait_messages(DAVE, 2, deadline=120)
+    assert {b"Subject: relayed by the lab" in m for m in got} == {True, False}
+
+    # Connections killed by the server: nobody notices.
+    assert pg_database.terminate() >= 1
+    code, c = auth_reply(gw)
+    assert code == 235 and c is not None
+    c.quit()
+
+    # The database is down: AUTH is a temporary failure, the registry works from memory.
+    pg_database.refuse_connections()
+    try:
+        assert auth_reply(gw)[0] == 454
+        assert rcpt_reply(gw, LAB, "list@lab.example.edu").startswith("250")
+        gw.wait_event(lambda e: e.get("event") == "auth.error", what="an auth.error event")
+        gw.wait_event(
+            lambda e: e.get("event") == "policy.refresh_error", what="a policy.refresh_error"
+        )
+    finally:
+        pg_database.allow_connections()
+
+    # Back: AUTH works again, and what changed meanwhile is picked up.
+    poll(lambda: auth_reply(gw)[0] == 235, 30, what="AUTH to succeed again")
+    res = gw.cli("senders", "add", LAB2, "--name", "lab2", "--domain", "lab.example.edu")
+    outputs += [res.stdout, res.stderr]
+    poll(
+        lambda: rcpt_reply(gw, LAB2, "x@lab.example.edu").startswith("250"),
+        30,
+        what="the second registration to arrive after the outage",
+    )
+
+    texts = [gw.events_file.read_text(errors="replace"), gw.output(), *outputs]
+    for text in texts:
+        assert URL_PASSWORD not in text and PASSWORD not in text
