@@ -22,12 +22,15 @@ wait_for() { # wait_for DESCRIPTION COMMAND...: poll up to ~30 s
   return 1
 }
 
-if pg_isready -q -h 127.0.0.1 >/dev/null 2>&1; then
+# Probed over the Unix socket: that is how the tests reach it (tests/support/postgres.py),
+# from a network namespace where 127.0.0.1:5432 is not this server.
+PG_SOCKET=${MAILWARDEN_TEST_PG_SOCKET:-/var/run/postgresql}
+if pg_isready -q -h "$PG_SOCKET" >/dev/null 2>&1; then
   echo "ensure-services: PostgreSQL already running"
 else
   version=$(ls /etc/postgresql | sort -V | tail -n1)
   "${SUDO[@]}" pg_ctlcluster --skip-systemctl-redirect "$version" main start
-  wait_for PostgreSQL pg_isready -q -h 127.0.0.1
+  wait_for PostgreSQL pg_isready -q -h "$PG_SOCKET"
   echo "ensure-services: PostgreSQL $version started"
 fi
 
