@@ -65,6 +65,8 @@ class Scanner(Protocol):
 
 def clean_detail(text: str, limit: int = MAX_DETAIL) -> str:
     """``text`` with control characters replaced and cut to ``limit`` characters."""
+    if len(text) <= limit and text.isprintable():  # the common case, checked in C
+        return text
     out = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
     return out if len(out) <= limit else out[: limit - 3] + "..."
 

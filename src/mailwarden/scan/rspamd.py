@@ -30,6 +30,7 @@ and parsed defensively (types checked, names restricted to ``[A-Z0-9_]``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from typing import Any
@@ -44,6 +45,7 @@ MAX_REPLY = 1 << 20  # bytes of a /checkv2 reply we accept
 MAX_SYMBOLS = 500  # symbols taken from one reply
 MAX_HEADER_VALUE = 998  # characters of one request header value
 MAX_OPTIONS = 5  # symbol options quoted in a detail
+MAX_NAME_CACHE = 4096  # rspamd symbol names remembered with their RSPAMD_ form
 _NAME_UNSAFE = re.compile(r"[^A-Z0-9_]")
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -72,6 +74,7 @@ def request_headers(msg: ScanInput, password: str = "") -> list[tuple[bytes, byt
     return headers
 
 
+@functools.lru_cache(maxsize=MAX_NAME_CACHE)
 def _symbol_name(raw: str) -> str:
     return NAME + "_" + _NAME_UNSAFE.sub("_", raw.upper())[:60]
 
