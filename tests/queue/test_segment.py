@@ -252,8 +252,9 @@ async def test_deferral_materialises_into_deferred(start: Factory) -> None:
     await asyncio.sleep(0.05)
     assert segments(spool.root) == []
     # A restart does not bring it back from the (retired) segment.
-    sched2 = Scheduler(default_config(queue={"scan_interval": 3600}), Spool(spool.root, "w0"),
-                       ScriptedRouter())
+    sched2 = Scheduler(
+        default_config(queue={"scan_interval": 3600}), Spool(spool.root, "w0"), ScriptedRouter()
+    )
     ids = sched2.spool.recover()
     assert ids == [qid]
 
@@ -379,3 +380,34 @@ async def test_orphan_shard_segments_are_adopted(tmp_path: Path) -> None:
     w0 = Spool(tmp_path, "w0")
     check_intact(w0, ids)
     assert not list((tmp_path / "w3" / LOG_DIR).glob("*.seg"))
+
+
+@pytest.mark.asyncio
+async def test_operator_failing_half_way_loses_nothing(start: Factory, tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    router = ScriptedRouter(gate=gate)
+    sched, spool = await start(router, segment_bytes=4096, queue={"destination_concurrency": 1})
+    busy, victim = make_snapshot(), make_snapshot()
+    await spool.enqueue(busy, body("busy"))
+    while not router.calls:
+        await asyncio.sleep(0.001)
+    await spool.enqueue(victim, body("victim"))
+    seq = spool._live_seq[victim.queue_id]
+    # An operator command created its marker and died before the hold copy and the
+    # .done line: the scheduler lets go of the message, but must not delete its bytes.
+    (spool.root / "w0" / LOG_DIR / "taken" / marker_name(seq, victim.queue_id)).touch()
+    gate.set()
+    await settle(sched)
+    assert [c.queue_id for c in router.calls] == [busy.queue_id]
+    await fill(spool, 2)  # seals the victim's segment
+    await settle(sched)
+    for _ in range(3):
+        await spool.retire_idle()
+        await asyncio.sleep(0.05)
+    assert spool._log is not None and seq in spool._log.final  # sealed, all acknowledged
+    assert spool.root / "w0" / LOG_DIR / f"{seq:016d}.seg" in segments(spool.root)
+    await sched.stop()
+    spool.close()
+    again = recovered(spool.root)
+    assert again.ids(QueueState.ACTIVE) == [victim.queue_id]
+    assert again.read_data(again.load(victim.queue_id, QueueState.ACTIVE)) == body("victim")

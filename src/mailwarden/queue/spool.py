@@ -235,6 +235,7 @@ class Spool:
         self._seg_live: dict[int, set[str]] = {}
         self._seg_seen: dict[int, int] = {}  # records of a segment acknowledged or failed
         self._retiring: set[int] = set()
+        self._seg_taken: dict[int, set[str]] = {}  # let go for the operator, unconfirmed
         self._sealing = False
         self._bg: set[asyncio.Task[None]] = set()
 
@@ -450,17 +451,22 @@ class Spool:
         """Record that a live message left its segment; False if the operator took it."""
         job = LogDone(qid, self._live_seq[qid])
         await self._log_committer(True).commit(job)
-        self._drop_live(qid)
+        self._drop_live(qid, claimed=job.won)
         return job.won
 
     def forget_taken(self, qid: str) -> None:
-        """Drop a live message the operator took (its ``.done`` line is theirs)."""
+        """Drop a live message the operator is taking (its ``.done`` line is theirs)."""
         if qid in self._live_seq:
-            self._drop_live(qid)
+            self._drop_live(qid, claimed=False)
 
-    def _drop_live(self, qid: str) -> None:
+    def _drop_live(self, qid: str, *, claimed: bool = True) -> None:
+        """Forget a live message. ``claimed=False``: the operator's marker made us let go;
+        its segment is then only retired once the ``.done`` file shows the operator's
+        claim (an operator command that failed half-way must not lose the message)."""
         self._live.pop(qid, None)
         seq = self._live_seq.pop(qid)
+        if not claimed:
+            self._seg_taken.setdefault(seq, set()).add(qid)
         live = self._seg_live.get(seq)
         if live is not None:
             live.discard(qid)
@@ -476,8 +482,10 @@ class Spool:
             self._background(self.retire_idle())
         self._check_retire()
 
-    def _check_retire(self) -> None:
-        """Retire every sealed segment whose records were all acknowledged and left."""
+    def _check_retire(self, *, recheck: bool = False) -> None:
+        """Retire every sealed segment whose records were all acknowledged and left.
+        A segment with messages the operator is taking is checked only with ``recheck``
+        (the scheduler's tick), as that reads its ``.done`` file."""
         log = self._log
         if log is None:
             return
@@ -486,6 +494,7 @@ class Spool:
                 seq not in self._retiring
                 and seq not in self._seg_live
                 and self._seg_seen.get(seq, 0) >= count
+                and (recheck or seq not in self._seg_taken)
             ):
                 self._retiring.add(seq)
                 self._background(self._retire(seq))
@@ -494,8 +503,14 @@ class Spool:
         assert self._log is not None
         log = self._log
         try:
+            taken = self._seg_taken.get(seq)
+            if taken:
+                claims = await self.run(lambda: read_claims(log.done_path(seq)))
+                if not taken <= claims.keys():
+                    return  # an operator command is still at work (or failed): wait
             await self.run(lambda: log.retire(seq))
             self._seg_seen.pop(seq, None)
+            self._seg_taken.pop(seq, None)
         except OSError as exc:
             emit("queue.error", shard=self.shard, error=f"retiring segment {seq}: {exc}")
         finally:
@@ -514,13 +529,14 @@ class Spool:
             return
         seq = log.current
         if not seq or seq in self._seg_live:
+            self._check_retire(recheck=True)
             return
         self._sealing = True
         try:
             await self._log_committer(False).commit(LogSeal(seq))
         finally:
             self._sealing = False
-        self._check_retire()
+        self._check_retire(recheck=True)
 
     async def defer(self, qid: str, due: float) -> bool:
         """Move an active message to ``deferred/``, due at ``due``; False if it is no
@@ -538,7 +554,7 @@ class Spool:
         assert self._log is not None
         log, qid = self._log, msg.snapshot.queue_id
         if log.taken(self._live_seq[qid], qid):
-            self._drop_live(qid)
+            self._drop_live(qid, claimed=False)
             return False
         data = self.fresh_data(qid)
         if data is None:
