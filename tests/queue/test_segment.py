@@ -411,3 +411,30 @@ async def test_operator_failing_half_way_loses_nothing(start: Factory, tmp_path:
     again = recovered(spool.root)
     assert again.ids(QueueState.ACTIVE) == [victim.queue_id]
     assert again.read_data(again.load(victim.queue_id, QueueState.ACTIVE)) == body("victim")
+
+
+@pytest.mark.asyncio
+async def test_big_batches_are_written_in_iov_max_chunks(tmp_path: Path) -> None:
+    from mailwarden.queue.segment import IOV_MAX
+
+    spool = log_spool(tmp_path)
+    n = IOV_MAX  # three buffers per record: the second batch needs several writev calls
+    snaps = [make_snapshot(("a@example.edu", "b@example.edu")) for _ in range(n)]
+    await asyncio.gather(*(spool.enqueue(s, body(s.queue_id)) for s in snaps))
+    spool.close()
+    again = recovered(tmp_path)
+    check_intact(again, [s.queue_id for s in snaps])
+
+
+@pytest.mark.asyncio
+async def test_the_tick_retires_an_idle_segment(start: Factory) -> None:
+    router = ScriptedRouter()
+    sched, spool = await start(router)
+    await fill(spool, 3)
+    await settle(sched)
+    assert len(segments(spool.root)) == 1  # small and idle: left to the tick
+    for _ in range(40):
+        if not segments(spool.root):
+            break
+        await asyncio.sleep(0.1)
+    assert segments(spool.root) == []
