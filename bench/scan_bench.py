@@ -11,7 +11,8 @@ this process, all threads, plus any scan pool worker processes it started -- nev
 clamd/rspamd daemons, nor the loopback DNS server, which runs in a child process of its
 own), split into user and system, and wall-clock messages per second.
 Most messages are 10 KB ham; every ``--attach-every``-th carries an attachment (a PDF or a
-zip). ``--big MB`` adds one phase that scans one message of that size alone.
+zip). ``--big MB`` adds phases that scan one message of that size alone, also reporting the
+longest event-loop stall meanwhile (how late a 2 ms timer fired: what other sessions wait).
 
     .venv/bin/python bench/scan_bench.py [--messages 2000] [--concurrency 16] [--runs 3]
 
@@ -67,6 +68,7 @@ from mailwarden.scan.base import Scanner  # noqa: E402
 from mailwarden.smtp.content import ContentFilter  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+TICK = 0.002  # seconds: the loop-stall probe's timer
 ZONE = {  # the scan tests' zone: the sending host has PTR, A, MX and SPF
     ("10.2.0.192.in-addr.arpa", "PTR"): [f"{HELO}."],
     (HELO, "A"): [CLIENT_IP],
@@ -211,6 +213,7 @@ class Phase:
     workers_ms: float  # of cpu_ms, spent in scan pool worker processes
     per_s: float
     actions: dict[str, int]
+    max_stall_ms: float = 0.0  # longest event-loop stall seen (big-message phases only)
 
 
 async def run_phase(
@@ -220,6 +223,7 @@ async def run_phase(
     messages: list[bytes],
     concurrency: int,
     exclude: set[int],
+    watch_loop: bool = False,
 ) -> Phase:
     flt = ContentFilter(VerdictEngine(scanners, settings), None, "mailwarden.bench")
     snap = EnvelopeSnapshot(
@@ -247,11 +251,25 @@ async def run_phase(
                 if s.name.endswith("_FAIL"):
                     actions[s.name] += 1
 
+    stall = 0.0
+
+    async def ticker() -> None:
+        """How late a 2 ms timer fires: what another session would wait for the loop."""
+        nonlocal stall
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(TICK)
+            stall = max(stall, loop.time() - t - TICK)
+
     r0 = resource.getrusage(resource.RUSAGE_SELF)
-    k0 = _children_cpu(exclude)
+    k0 = _children_cpu(exclude)  # reads /proc: outside the loop-stall window
+    watcher = asyncio.ensure_future(ticker()) if watch_loop else None
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    if watcher is not None:
+        watcher.cancel()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     k1 = _children_cpu(exclude)
     await flt.close()
@@ -259,7 +277,17 @@ async def run_phase(
     user = (r1.ru_utime - r0.ru_utime) * 1000 / n
     system = (r1.ru_stime - r0.ru_stime) * 1000 / n
     workers = (k1 - k0) * 1000 / n
-    return Phase(name, n, user + system + workers, user, system, workers, n / wall, dict(actions))
+    return Phase(
+        name,
+        n,
+        user + system + workers,
+        user,
+        system,
+        workers,
+        n / wall,
+        dict(actions),
+        stall * 1000,
+    )
 
 
 def _median(phases: list[Phase]) -> Phase:
@@ -276,6 +304,7 @@ def _median(phases: list[Phase]) -> Phase:
         med("workers_ms"),
         med("per_s"),
         first.actions,
+        med("max_stall_ms"),
     )
 
 
@@ -302,7 +331,7 @@ def main() -> int:
 
     events.set_sink(NullSink())
     messages = make_messages(args.messages, args.attach_every, args.size)
-    wanted = args.phases.split(",")
+    wanted = [k for k in args.phases.split(",") if k]
     run = _event_loop_runner()
     with tempfile.TemporaryDirectory(prefix="mw-scanbench-") as tmp:
         work = Path(tmp)
@@ -347,7 +376,13 @@ def main() -> int:
                     phases = [
                         run(
                             run_phase(
-                                f"{kind} {args.big} MB", build(kind), settings, [raw], 1, exclude
+                                f"{kind} {args.big} MB",
+                                build(kind),
+                                settings,
+                                [raw],
+                                1,
+                                exclude,
+                                watch_loop=True,
                             )
                         )
                         for _ in range(args.runs)
@@ -371,7 +406,8 @@ def main() -> int:
 def _print(p: Phase) -> None:
     print(
         f"{p.name:16s} {p.cpu_ms:7.3f} ms CPU/msg (user {p.user_ms:.3f}, sys {p.sys_ms:.3f}, "
-        f"pool {p.workers_ms:.3f})  {p.per_s:7.1f} msg/s  {p.actions}",
+        f"pool {p.workers_ms:.3f})  {p.per_s:7.1f} msg/s  {p.actions}"
+        + (f"  loop stall max {p.max_stall_ms:.1f} ms" if p.max_stall_ms else ""),
         flush=True,
     )
 
