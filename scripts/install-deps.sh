@@ -13,6 +13,8 @@ PACKAGES=(
   postfix swaks dovecot-core dovecot-lmtpd clamav-daemon clamav-testfiles rspamd openssl
   redis-server postgresql slapd ldap-utils
   clamav-milter  # bench/filtered_bench.py: Postfix's ClamAV milter
+  clamav  # sigtool: scripts/build-clamav-db.sh builds the project's signature database
+  libnet-ssleay-perl libio-socket-ssl-perl  # swaks --tls (not pulled in without recommends)
 )
 
 missing=()
