@@ -22,10 +22,13 @@ more). Then:
 - ``drop()`` ``DROP DATABASE ... WITH (FORCE)``.
 
 A server that cannot be reached is a test failure with a message saying how to start it,
-never a skip.
+never a skip. ``create`` first drops databases left behind by test processes that died
+without their teardown (SIGKILL, a timeout): names carry the creator's pid, and only names
+whose process no longer exists are dropped.
 
 Security: Unix socket only, nothing goes over TCP; statements are built only from names
-this module generated (``_ident`` checks them); drops only databases it created.
+this module generated (``_ident`` checks them); drops only ``mwtest_*`` databases whose
+creating process is gone.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SUPERUSER = os.environ.get("MAILWARDEN_TEST_PG_SUPERUSER", "postgres")
 ROLE = "mailwarden_test"  # the unprivileged login role the store connects as
 CONNECT_TIMEOUT = 10  # seconds for the admin connection
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_OURS = re.compile(r"^mwtest_[a-z0-9_]*_(\d+)_[0-9a-f]{6}$")  # group 1: the creator's pid
 
 
 def _ident(name: str) -> pgsql.Identifier:
@@ -74,6 +78,19 @@ def admin_connect(dbname: str = "postgres") -> psycopg.Connection[Any]:
         )
 
 
+def _drop_orphans(conn: psycopg.Connection[Any]) -> None:
+    """Drop test databases whose creating process has died (no teardown ran)."""
+    rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'mwtest%'")
+    for (name,) in rows.fetchall():
+        m = _OURS.match(name)
+        if m is None or os.path.exists(f"/proc/{m.group(1)}"):
+            continue
+        with contextlib.suppress(psycopg.Error):  # another process may be dropping it too
+            conn.execute(
+                pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(_ident(name))
+            )
+
+
 def _ensure_role(conn: psycopg.Connection[Any]) -> None:
     exists = "SELECT 1 FROM pg_roles WHERE rolname = %s"
     if conn.execute(exists, (ROLE,)).fetchone():
@@ -99,6 +116,7 @@ class PgDatabase:
         slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")[-28:] or "db"
         name = f"mwtest_{slug}_{os.getpid()}_{secrets.token_hex(3)}"
         with admin_connect() as conn:
+            _drop_orphans(conn)
             _ensure_role(conn)
             conn.execute(
                 pgsql.SQL("CREATE DATABASE {} OWNER {}").format(_ident(name), _ident(ROLE))
