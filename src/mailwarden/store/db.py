@@ -169,7 +169,7 @@ def make_engine(settings: DatabaseSettings, state_dir: Path) -> Engine:
     return create_engine(
         parsed,
         pool_size=settings.pool_size,
-        max_overflow=0,  # pool_size is the cap: nodes x workers x pool_size <= max_connections
+        max_overflow=0,  # pool_size is a hard cap per store (docs/config.md: sizing)
         pool_timeout=CONNECT_TIMEOUT + settings.busy_timeout,
         pool_pre_ping=True,  # replace connections the server dropped before using them
         pool_recycle=POOL_RECYCLE,
