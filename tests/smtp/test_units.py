@@ -126,6 +126,19 @@ def test_data_checks_and_unstuff() -> None:
     assert unstuff(b"\r\n..a\r\nb\r\n...\r\n") == b".a\r\nb\r\n..\r\n"
 
 
+def test_long_line_check_matches_a_plain_split() -> None:
+    """The window search finds exactly the lines a split would, wherever they are."""
+    import random
+
+    rnd = random.Random(5321)
+    sizes = [0, 1, 5, 500, 997, 998, 999, 1000, 1500, 2500]
+    for _ in range(5000):
+        lines = [b"z" * rnd.choice(sizes) for _ in range(rnd.randrange(1, 7))]
+        raw = b"\r\n" + b"\r\n".join(lines) + b"\r\n"
+        too_long = max(map(len, lines)) > 998
+        assert (data_problem(raw) is not None) == too_long, [len(x) for x in lines]
+
+
 def test_reply_for() -> None:
     relay = Decision(Action.REJECT, "Relay access denied", Control.SU_6, 554, "5.7.1")
     assert reply_for(relay) == (554, "5.7.1", "Relay access denied (SU-6)")

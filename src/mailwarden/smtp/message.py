@@ -23,6 +23,22 @@ LINE_TOO_LONG = (
 )
 
 
+def _has_long_line(raw: bytes) -> bool:
+    """True if a CRLF line of ``raw`` is longer than ``MAX_TEXT_LINE`` with its CRLF.
+
+    From a line start ``p``, a line that fits has its LF at most ``MAX_TEXT_LINE - 1``
+    bytes on; the next start examined is after the *last* LF of that window (every line
+    before it fits), so one C-speed ``rfind`` covers up to a kilobyte of short lines
+    (splitting into line objects cost 40-80 us per 10 KB message)."""
+    p, end = 0, len(raw)
+    while p + MAX_TEXT_LINE <= end:
+        q = raw.rfind(b"\n", p, p + MAX_TEXT_LINE)
+        if q < 0:
+            return True
+        p = q + 1
+    return False
+
+
 def data_problem(raw: bytes) -> tuple[int, str, str] | None:
     """A refusal reply for framing violations in ``raw`` (CRLF-terminated lines), or None."""
     crlf = raw.count(b"\r\n")
@@ -30,7 +46,7 @@ def data_problem(raw: bytes) -> tuple[int, str, str] | None:
         return SMUGGLING
     if b"\x00" in raw:
         return NUL_IN_DATA
-    if len(raw) > MAX_TEXT_LINE and max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE - 2:
+    if len(raw) > MAX_TEXT_LINE and _has_long_line(raw):
         return LINE_TOO_LONG
     return None
 
