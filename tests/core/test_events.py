@@ -125,3 +125,16 @@ def test_clip_keeps_scalars_and_subclasses_of_str() -> None:
     data = Event("x", {"n": 3, "f": 1.5, "b": True, "k": Kind.A, "t": ("x" * 5000, 1)}).to_json()
     assert data["n"] == 3 and data["f"] == 1.5 and data["b"] is True and data["k"] == "a"
     assert data["t"][0].endswith("[truncated]") and data["t"][1] == 1
+
+
+def test_lines_escape_control_characters_and_never_lose_an_event() -> None:
+    import json as _json
+
+    line = Event("x", {"helo": "evil\r\n{\"event\":\"forged\"}\x00", "u": "é\u2028"}).to_bytes()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and b"\r" not in line
+    assert _json.loads(line)["helo"] == "evil\r\n{\"event\":\"forged\"}\x00"
+    # Values orjson refuses still give one parseable line (json fallback, ASCII only).
+    for odd in (2**70, "lone \udc80 surrogate"):
+        fallback = Event("y", {"v": odd}).to_bytes()
+        assert fallback.endswith(b"\n") and fallback.count(b"\n") == 1
+        assert _json.loads(fallback)["v"] == odd

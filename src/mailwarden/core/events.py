@@ -9,8 +9,9 @@ Public names: ``Event``, ``EventSink``, ``JsonLinesSink``, ``TeeSink``, ``Stream
 ``MemorySink``, ``emit``, ``flush``,
 ``set_sink``, ``get_sink``.
 Security: field values come from untrusted clients (HELO names, addresses, replies). They
-are serialised with ``json.dumps`` (control characters escaped, so a value can never start a
-new log line) and truncated to ``MAX_FIELD``. Never pass secrets (passwords, AUTH blobs).
+are serialised with orjson (``json`` as a fallback; control characters escaped, so a value
+can never start a new log line) and truncated to ``MAX_FIELD``. Never pass secrets
+(passwords, AUTH blobs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 MAX_FIELD = 2048  # characters kept of any one string value; the rest is cut with a marker
 FLUSH_BYTES = 65536  # buffered event bytes that force a write before the loop iteration ends
@@ -51,7 +54,17 @@ class Event:
         return out
 
     def to_line(self) -> str:
-        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
+        return self.to_bytes().decode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        """The JSON line, UTF-8, newline included: orjson (a tenth of ``json.dumps``'s cost
+        here); a value it refuses (an integer past 64 bits, a lone surrogate) falls back
+        to ``json`` with every non-ASCII character escaped, so the event is never lost."""
+        obj = self.to_json()
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except (orjson.JSONEncodeError, TypeError):
+            return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 _NODE = socket.gethostname()
@@ -117,7 +130,7 @@ class JsonLinesSink:
         self._scheduled = False
 
     def write(self, event: Event) -> None:
-        data = event.to_line().encode("utf-8")
+        data = event.to_bytes()
         loop = _running_loop() if self.buffered else None
         with self._lock:
             self._pending.append(data)
@@ -183,7 +196,7 @@ class StreamSink:
         self.fd = fd
 
     def write(self, event: Event) -> None:
-        os.write(self.fd, event.to_line().encode("utf-8"))
+        os.write(self.fd, event.to_bytes())
 
 
 class MemorySink:
