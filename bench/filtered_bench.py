@@ -54,6 +54,7 @@ from harness import (
     Sink,
     cpu_seconds,
     free_port,
+    mailwarden_config,
     percentile,
     run_source,
     wait_port,
@@ -425,35 +426,14 @@ def run_mailwarden(daemons: Daemons, load: Load, workers: int) -> Result:
     tmp = tempfile.mkdtemp(prefix="mw-", dir=str(load.work))  # removed with load.work
     sink_port, port = free_port(), free_port()
     cfg = Path(tmp) / "mailwarden.toml"
-    cfg.write_text(
-        f"""[gateway]
-hostname = "mw.bench.test"
-state_dir = "{tmp}/var"
-workers = {workers}
-hosted_domains = ["{RELAY_DOMAIN}"]
-
-[[listener]]
-name = "smtp"
-address = "127.0.0.1"
-port = {port}
-tls = "starttls"
-
-[limits]
-max_connections_per_client = 1000
-
-[delivery]
-tls_policy = "none"
-
-[delivery.transports]
-"{RELAY_DOMAIN}" = "smtp:127.0.0.1:{sink_port}"
-
+    scanners = f"""
 [scan.clamav]
 socket = "{daemons.clamd.tcp_address}"
 
 [scan.rspamd]
 url = "{daemons.rspamd.url}"
 """
-    )
+    cfg.write_text(mailwarden_config(tmp, workers, port, sink_port, RELAY_DOMAIN, scanners))
     sink = Sink(sink_port)
     env = dict(os.environ)
     if load.code is not None:

@@ -1,7 +1,7 @@
 """Benchmark plumbing shared by the bench scripts: sink, load, latency probe, RSS sampler.
 
-Public names: ``Sink``, ``run_source``, ``LatencyProbe``, ``RssSampler``, ``tree_pids``,
-``cpu_seconds``, ``free_port``, ``wait_port``, ``percentile``.
+Public names: ``mailwarden_config``, ``Sink``, ``run_source``, ``LatencyProbe``,
+``RssSampler``, ``tree_pids``, ``cpu_seconds``, ``free_port``, ``wait_port``, ``percentile``.
 Security: talks only to 127.0.0.1; runs Postfix's smtp-source/smtp-sink as argument lists,
 never through a shell. Every loop is bounded by a count and a deadline.
 """
@@ -39,6 +39,34 @@ def wait_port(port: int, deadline: float = 30.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline}s")
+
+
+def mailwarden_config(
+    state: str, workers: int, port: int, sink_port: int, domain: str, extra: str = ""
+) -> str:
+    """The TOML of a benchmark gateway: one plain-SMTP listener on ``port``, ``domain``
+    hosted and relayed to the sink on ``sink_port``; ``extra`` is appended (e.g. scanners)."""
+    return f"""[gateway]
+hostname = "mw.bench.test"
+state_dir = "{state}/var"
+workers = {workers}
+hosted_domains = ["{domain}"]
+
+[[listener]]
+name = "smtp"
+address = "127.0.0.1"
+port = {port}
+tls = "starttls"
+
+[limits]
+max_connections_per_client = 1000
+
+[delivery]
+tls_policy = "none"
+
+[delivery.transports]
+"{domain}" = "smtp:127.0.0.1:{sink_port}"
+{extra}"""
 
 
 def percentile(values: list[float], p: float) -> float:

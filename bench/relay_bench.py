@@ -29,7 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import LatencyProbe, RssSampler, Sink, free_port, percentile, run_source, wait_port
+from harness import (
+    LatencyProbe,
+    RssSampler,
+    Sink,
+    free_port,
+    mailwarden_config,
+    percentile,
+    run_source,
+    wait_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,29 +90,7 @@ def run_mailwarden(n: int, sessions: int, size: int, workers: int, deadline: flo
     with tempfile.TemporaryDirectory(prefix="mw-bench-", dir=str(ROOT / "bench")) as tmp:
         sink_port, port = free_port(), free_port()
         cfg = Path(tmp) / "mailwarden.toml"
-        cfg.write_text(
-            f"""[gateway]
-hostname = "mw.bench.test"
-state_dir = "{tmp}/var"
-workers = {workers}
-hosted_domains = ["example.test"]
-
-[[listener]]
-name = "smtp"
-address = "127.0.0.1"
-port = {port}
-tls = "starttls"
-
-[limits]
-max_connections_per_client = 1000
-
-[delivery]
-tls_policy = "none"
-
-[delivery.transports]
-"example.test" = "smtp:127.0.0.1:{sink_port}"
-"""
-        )
+        cfg.write_text(mailwarden_config(tmp, workers, port, sink_port, "example.test"))
         sink = Sink(sink_port)
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailwarden", "serve", "-c", str(cfg)],
