@@ -1,7 +1,7 @@
 """The error tree of mailwarden. Every error carries a sentence an operator can act on.
 
 Public names: ``MailwardenError``, ``ConfigError``, ``QueueError``, ``SpoolCorrupt``,
-``DeliveryError``, ``AddressError``, ``StoreError``.
+``DeliveryError``, ``AddressError``, ``StoreError``, ``StoreUnavailable``.
 Security: messages may quote untrusted input; callers print them escaped (``repr``).
 """
 
@@ -46,3 +46,9 @@ class AddressError(MailwardenError):
 
 class StoreError(MailwardenError):
     """The database cannot be opened, or a store operation was refused (bad input)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached right now (connection refused, timeout, too
+    many connections, not accepting connections): worth retrying, unlike a bad URL, a
+    missing database or an unusable SQLite path."""

@@ -6,6 +6,11 @@ process (``workers = 1``) or forks ``workers`` processes that share the listenin
 restarts a worker that dies and forwards SIGTERM/SIGINT; a worker that gets SIGTERM sends
 ``421`` to every session, stops its scheduler and exits.
 
+A database server that cannot be reached at start (``StoreUnavailable``) does not stop the
+gateway: the banner says so, and each worker starts degraded (``policy.state``: checks that
+need the database tempfail) and retries in the background. An unusable database (bad URL,
+unwritable SQLite path, newer schema) still stops it with the reason.
+
 Public names: ``run_gateway``, ``describe``, ``bind_listeners``.
 Security: binds only the addresses the configuration names (SU-9); everything received
 is handled by ``smtp`` (untrusted peers). Runs no shell.
@@ -31,6 +36,7 @@ from mailwarden.config import Config, ListenerConfig
 from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink, emit, set_sink
 from mailwarden.core.events import flush as flush_events
 from mailwarden.delivery.router import Router
+from mailwarden.errors import StoreUnavailable
 from mailwarden.policy.engine import Policy
 from mailwarden.quarantine.store import Quarantine
 from mailwarden.queue.scheduler import Scheduler
@@ -279,9 +285,18 @@ def prepare(cfg: Config) -> list[str]:
     notes = []
     for path in (cfg.state_path, cfg.spool_path, cfg.mail_path, cfg.events_path.parent):
         path.mkdir(parents=True, exist_ok=True)
-    db = open_store(cfg)  # create the schema once, before workers start; fail early
-    notes.append(f"  database   {db.label}")
-    db.close()
+    try:
+        db = open_store(cfg)  # create the schema once, before workers start; fail early
+    except StoreUnavailable as exc:  # down for now: start degraded, workers retry
+        notes.append(f"  database   UNAVAILABLE: {exc}")
+        notes.append(
+            "  WARNING    starting without the database: relaying by registered servers, "
+            "AUTH and database lookups answer 4xx until it is reachable (retried in the "
+            "background)"
+        )
+    else:
+        notes.append(f"  database   {db.label}")
+        db.close()
     if any(li.tls != "none" for li in cfg.listener):
         if ensure_certificate(cfg.cert_path, cfg.key_path, cfg.gateway.hostname):
             notes.append(f"  tls        generated a self-signed certificate: {cfg.cert_path}")

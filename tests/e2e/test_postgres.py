@@ -163,3 +163,94 @@ def test_gateway_on_postgresql(
     texts = [gw.events_file.read_text(errors="replace"), gw.output(), *outputs]
     for text in texts:
         assert URL_PASSWORD not in text and PASSWORD not in text
+
+
+def test_gateway_starts_while_the_database_is_down(
+    gateway_factory: Any, postfix_factory: Any, pg_database: PgDatabase
+) -> None:
+    """The database refuses connections when the gateway (two workers) starts: it greets,
+    inbound mail to a static-directory domain is delivered, a registered server's relay is
+    ``451 4.3.0``, AUTH ``454 4.7.0``, ``mailwarden status`` says UNAVAILABLE; once the
+    database takes connections again each worker reports ``policy.store_recovered`` and
+    the relay and AUTH work, without a restart."""
+    pg_database.reset()
+    outside = postfix_factory.downstream([OUTSIDE], [DAVE])
+    url = pg_database.url.replace(f"//{pg_database.role}@", f"//{pg_database.role}:{URL_PASSWORD}@")
+    policy = POLICY | {"default_directory": "static", "recipients": ["bob@example.edu"]}
+    gw: Gateway = gateway_factory(
+        start=False,
+        workers=2,
+        delivery={"smarthost": f"{LOOPBACK}:{outside.port}"},
+        extra={"database": {"url": url}, "policy": policy, "auth": dict(FAST)},
+    )
+    outputs: list[str] = []
+    add = user_cli(
+        gw,
+        "add",
+        "alice",
+        "--address",
+        "alice@example.edu",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+    outputs += [add.stdout, add.stderr]
+    assert add.returncode == 0, add.stderr
+    res = gw.cli("senders", "add", LAB, "--name", "lab", "--domain", "lab.example.edu")
+    outputs += [res.stdout, res.stderr]
+
+    pg_database.refuse_connections()
+    try:
+        gw.start()  # greets on every listener although the database is down
+        assert "database   UNAVAILABLE" in gw.output()
+        status = gw.cli("status", check=False)
+        outputs += [status.stdout, status.stderr]
+        assert status.returncode == 1 and "UNAVAILABLE" in status.stdout, status.stdout
+        # Inbound mail to a hosted domain does not need the database.
+        assert gw.send("x@outside.test", ["bob@example.edu"], message(DAVE, "inbound")) == {}
+        assert gw.wait_messages("bob@example.edu", 1)
+        # A static-directory refusal is still a refusal.
+        assert (
+            gw.send(
+                "x@outside.test",
+                ["nobody@example.edu", "bob@example.edu"],
+                message(DAVE, "inbound 2"),
+            )["nobody@example.edu"][0]
+            == 550
+        )
+        # The registered server cannot be told apart from an unregistered one: 451.
+        assert rcpt_reply(gw, LAB, "list@lab.example.edu").startswith("451 4.3.0")
+        assert auth_reply(gw)[0] == 454
+        # Off campus is refused as always (it can never be registered, SU-3).
+        assert rcpt_reply(gw, "127.0.0.200", "a@x.test").startswith("554 5.7.1")
+        down = gw.wait_event(
+            lambda e: e.get("event") == "policy.store_unavailable",
+            what="a policy.store_unavailable event",
+        )
+        assert "not currently accepting connections" in down["error"]
+    finally:
+        pg_database.allow_connections()
+
+    poll(
+        lambda: len(gw.events("policy.store_recovered")) >= 2,
+        120,
+        what="both workers to report policy.store_recovered",
+    )
+    assert rcpt_reply(gw, LAB, "list@lab.example.edu").startswith("250")
+    relay(gw, LAB, "list@lab.example.edu", "relayed after the outage")
+    poll(lambda: auth_reply(gw)[0] == 235, 120, what="AUTH to open its database")
+    code, c = auth_reply(gw)
+    assert code == 235 and c is not None
+    with c:
+        assert c.sendmail("alice@example.edu", [DAVE], message("alice@example.edu", "auth")) == {}
+    got = outside.wait_messages(DAVE, 2, deadline=120)
+    assert {b"Subject: relayed after the outage" in m for m in got} == {True, False}
+    status = gw.cli("status", check=False)
+    outputs += [status.stdout, status.stderr]
+    assert status.returncode == 0 and ": ok" in status.stdout, status.stdout
+    # One outage: one unavailable and one recovered event per worker.
+    assert len(gw.events("policy.store_unavailable")) == 2
+    assert len(gw.events("policy.store_recovered")) == 2
+
+    texts = [gw.events_file.read_text(errors="replace"), gw.output(), *outputs]
+    for text in texts:
+        assert URL_PASSWORD not in text and PASSWORD not in text

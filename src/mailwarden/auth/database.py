@@ -7,6 +7,12 @@ or an unknown login is ``INVALID`` after the same argon2 work as a wrong passwor
 enumeration by timing). A hash made with old parameters is replaced after a successful
 login. A database error is ``TEMPFAIL``.
 
+Built without a store (``store=None``, the server was unreachable when the worker started)
+it answers ``TEMPFAIL`` and opens the store with ``opener`` on a later attempt: one
+open at a time (concurrent AUTHs wait for it), after ``RETRY_FIRST`` seconds, then twice
+as long after each failure up to ``RETRY_MAX`` (a flood of AUTH commands is not a flood
+of connection attempts).
+
 Public names: ``DatabaseAuthenticator``, ``HASH_THREADS``.
 Security: the password goes only to argon2; database errors are reported by type only.
 """
@@ -14,6 +20,7 @@ Security: the password goes only to argon2; database errors are reported by type
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -25,6 +32,7 @@ from mailwarden.auth.base import AuthResult, acceptable_credentials
 from mailwarden.auth.passwords import Hasher
 from mailwarden.core.events import emit
 from mailwarden.errors import StoreError
+from mailwarden.policy.state import RETRY_FIRST, RETRY_MAX
 from mailwarden.store import users as user_table
 from mailwarden.store.db import Store
 
@@ -37,10 +45,47 @@ class DatabaseAuthenticator:
 
     name = "database"
 
-    def __init__(self, store: Store, hasher: Hasher) -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        hasher: Hasher,
+        opener: Callable[[], Store] | None = None,
+    ) -> None:
         self.store = store
         self.hasher = hasher
+        self.opener = opener
         self._pool: ThreadPoolExecutor | None = None
+        self._opening: asyncio.Task[Store | None] | None = None
+        self._next_open = 0.0  # time.monotonic() before which no open is attempted
+        self._delay = RETRY_FIRST
+
+    async def _open(self) -> Store | None:
+        """The store, opened now if it was unreachable and the backoff allows a try.
+
+        The open runs as a task of its own (shielded): an AUTH that times out does not
+        cancel it, and its store is kept for the next attempt instead of leaking."""
+        if self.store is not None:
+            return self.store
+        if self.opener is None:
+            return None
+        if self._opening is None:
+            if time.monotonic() < self._next_open:
+                return None
+            self._opening = asyncio.get_running_loop().create_task(self._open_now(self.opener))
+        return await asyncio.shield(self._opening)
+
+    async def _open_now(self, opener: Callable[[], Store]) -> Store | None:
+        try:
+            store = await asyncio.to_thread(opener)
+        except (SQLAlchemyError, StoreError, OSError) as exc:
+            self._next_open = time.monotonic() + self._delay
+            self._delay = min(self._delay * 2, RETRY_MAX)
+            emit("auth.error", backend=self.name, error=type(exc).__name__, step="open")
+            return None
+        finally:
+            self._opening = None
+        self.store, self._delay = store, RETRY_FIRST
+        return store
 
     async def _hash_work(self, fn: Callable[[], T]) -> T:
         if self._pool is None:
@@ -50,8 +95,12 @@ class DatabaseAuthenticator:
     async def authenticate(self, login: str, password: str) -> AuthResult:
         if not acceptable_credentials(login, password):
             return AuthResult.INVALID
+        store = await self._open()
+        if store is None:
+            emit("auth.error", backend=self.name, error="StoreUnavailable")
+            return AuthResult.TEMPFAIL
         try:
-            user = await self.store.call(user_table.get_user, self.store, login)
+            user = await store.call(user_table.get_user, store, login)
         except (SQLAlchemyError, StoreError, OSError) as exc:
             emit("auth.error", backend=self.name, error=type(exc).__name__)
             return AuthResult.TEMPFAIL
@@ -65,9 +114,7 @@ class DatabaseAuthenticator:
             return AuthResult.INVALID
         if new_hash is not None:
             try:
-                await self.store.call(
-                    user_table.set_password_hash, self.store, user.login, new_hash
-                )
+                await store.call(user_table.set_password_hash, store, user.login, new_hash)
                 emit("auth.rehash", backend=self.name, user=user.login)
             except (SQLAlchemyError, StoreError, OSError) as exc:  # the login still succeeds
                 emit("auth.error", backend=self.name, error=type(exc).__name__, step="rehash")
@@ -77,4 +124,5 @@ class DatabaseAuthenticator:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        self.store.close()
+        if self.store is not None:
+            self.store.close()

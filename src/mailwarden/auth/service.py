@@ -11,7 +11,9 @@
 
 ``build_auth_service(cfg)`` makes the configured backend (``[auth] backend``) and the
 failure counters: in process, or the policy stage's shared Redis counters when
-``[policy] counters = "redis"``. A counter error is a ``TEMPFAIL`` (fail closed).
+``[policy] counters = "redis"``. A counter error is a ``TEMPFAIL`` (fail closed). A
+database that cannot be reached at start (``StoreUnavailable``) does not stop the worker:
+the backend answers ``TEMPFAIL`` (454) and opens it later (``auth.database``).
 
 Public names: ``Outcome``, ``Attempt``, ``AuthService``, ``build_auth_service``.
 Security: the password is handed to the backend and dropped; events carry the escaped login
@@ -131,9 +133,14 @@ def build_auth_service(cfg: Config, counter: WindowCounter | None = None) -> Aut
     else:
         from mailwarden.auth.database import DatabaseAuthenticator
         from mailwarden.auth.passwords import Hasher
+        from mailwarden.errors import StoreUnavailable
         from mailwarden.store import open_store
 
-        backend = DatabaseAuthenticator(open_store(cfg), Hasher(settings.argon2))
+        try:
+            store = open_store(cfg)
+        except StoreUnavailable:  # the server is down right now: AUTH is 454 until it is back
+            store = None
+        backend = DatabaseAuthenticator(store, Hasher(settings.argon2), lambda: open_store(cfg))
     if counter is None and cfg.policy.counters == "redis":  # share counts across nodes
         from mailwarden.policy.counters import make_counters
 

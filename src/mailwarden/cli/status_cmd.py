@@ -4,11 +4,14 @@ Prints the configured scanners and says plainly when virus scanning is limited t
 built-in signatures (no clamd configured). With clamd configured it asks ``VERSION`` and
 shows the signature database version, date and age, with an alert when it is older than
 ``signature_alert_age`` and a FAIL CLOSED line past ``max_signature_age`` (SU-5: every
-message is then tempfailed). rspamd is pinged. Then the queue (per state) and the
-quarantine (held per kind). ``--json`` prints one object.
+message is then tempfailed). rspamd is pinged. A PostgreSQL ``[database]`` is asked for
+``SELECT 1``: while it does not answer it is shown UNAVAILABLE (a running gateway then
+tempfails what needs it). Then the queue (per state) and the quarantine (held per kind).
+``--json`` prints one object.
 
-Exit codes: 0 scanning works, 1 a configured scanner is down or its signatures are too old
-(mail is being refused with ``451``), 2 usage or configuration error.
+Exit codes: 0 scanning works and the database answers, 1 a configured scanner is down, its
+signatures are too old or the database is unavailable (mail is being refused with ``451``),
+2 usage or configuration error.
 
 Public names: ``register``, ``collect``.
 Security: operator command; connects only to the configured clamd and rspamd addresses.
@@ -29,6 +32,7 @@ from mailwarden.queue import manage
 from mailwarden.scan.clamav import ClamdError, ClamdScanner
 from mailwarden.scan.factory import scanner_labels, scanning_notice
 from mailwarden.scan.rspamd import RspamdScanner
+from mailwarden.store.db import DB_FILE, probe_store
 
 
 def register(sub: Any) -> None:
@@ -93,9 +97,17 @@ def collect(cfg: Config) -> dict[str, Any]:
         q = Quarantine(cfg.quarantine_path, cfg.quarantine)
         held = q.index.counts()
         q.close()
+    error = probe_store(cfg)
+    database: dict[str, Any] = {
+        "url": cfg.database.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}",
+        "ok": error is None,
+    }
+    if error is not None:
+        database["error"] = error
     return {
         "hostname": cfg.gateway.hostname,
         "scan": scan,
+        "database": database,
         "queue": {"total": sum(states.values()), **dict(states)},
         "quarantine": {"held": sum(held.values()), **held},
     }
@@ -132,6 +144,14 @@ def _lines(info: dict[str, Any]) -> list[str]:
     if rsp is not None:
         state = "ok" if rsp["ok"] else "DOWN (mail is refused with 451)"
         lines.append(f"  rspamd     {rsp['url']}: {state}")
+    db = info["database"]
+    if db["ok"]:
+        lines.append(f"  database   {db['url']}: ok")
+    else:
+        lines.append(
+            f"  database   {db['url']}: UNAVAILABLE: {db['error']} (registered servers, AUTH "
+            "and database lookups are answered with 4xx)"
+        )
     queue = info["queue"]
     parts = ", ".join(f"{k} {v}" for k, v in sorted(queue.items()) if k != "total")
     lines.append(f"  queue      {queue['total']} message(s)" + (f" ({parts})" if parts else ""))
@@ -150,4 +170,5 @@ def _status(args: argparse.Namespace) -> int:
         print("\n".join(_lines(info)))
     scan = info["scan"]
     failing = any(not scan[k]["ok"] for k in ("clamav", "rspamd") if k in scan)
+    failing = failing or not info["database"]["ok"]
     return EXIT_FAIL if failing else EXIT_OK

@@ -16,11 +16,19 @@
   recipient counts against the hourly quota and marks the envelope OUTBOUND;
 - end of DATA: an outbound message counts against the hourly message quota.
 
+While the database has never been loaded (``PolicyState.unavailable``: it was unreachable
+since the worker started) the answers it could change are ``STORE_TEMPFAIL`` (``451
+4.3.0``), never a refusal or an accept it might contradict: relaying by a campus host (it
+may be a server registered in the database, SU-1), a registered server's envelope sender
+outside its configured domains, an authenticated user's sender address. Inbound mail to a
+directory that does not need the database, and off-campus relay attempts, are decided as
+usual.
+
 A rule answers synchronously when it can (the default configuration never waits on I/O
 for a recipient) and returns a coroutine only for real lookups.
 
 Public names: ``RelayRules``, ``RELAY_HACK``, ``RCPT_OK``, ``not_registered``,
-``SENDER_NOT_ALLOWED``, ``DIRECTORY_TEMPFAIL``.
+``SENDER_NOT_ALLOWED``, ``DIRECTORY_TEMPFAIL``, ``STORE_TEMPFAIL``.
 Security: every value is untrusted client input (already syntax-checked by
 ``smtp.address``); decisions use the socket peer address and the AUTH identity only.
 """
@@ -79,6 +87,13 @@ DIRECTORY_TEMPFAIL = Decision(
     enhanced="4.3.0",
 )
 
+STORE_TEMPFAIL = Decision(
+    Action.TEMPFAIL,
+    "Temporary lookup failure: the sender registry is unavailable, try again later",
+    code=451,
+    enhanced="4.3.0",
+)
+
 
 def not_registered(ip: str, hint: str) -> Decision:
     """SU-1: what an unregistered campus host is told when it tries to send out."""
@@ -130,6 +145,8 @@ class RelayRules:
         allowed = self.state.sender_logins.get(user, frozenset())
         if sender and (sender in allowed or sender == user.lower()):
             return Decision.cont()
+        if sender and self.state.unavailable:  # the sender-login map has not been loaded
+            return STORE_TEMPFAIL
         return SENDER_NOT_OWNED
 
     # -- RCPT ---------------------------------------------------------------------------
@@ -186,6 +203,8 @@ class RelayRules:
         if kind is ClientKind.OFF_CAMPUS:
             return RELAY_DENIED
         if kind is ClientKind.CAMPUS and not self.relay_from_campus:
+            if self.state.unavailable:  # it may be registered in the database (SU-1)
+                return STORE_TEMPFAIL
             refusal = self._unregistered.get(client.ip)
             if refusal is None:
                 refusal = not_registered(client.ip, self.hint)
@@ -196,7 +215,7 @@ class RelayRules:
             assert client.sender is not None
             sender_domain = _domain(env.mail_from)
             if env.mail_from and sender_domain not in client.sender.domains:
-                return SENDER_NOT_ALLOWED
+                return STORE_TEMPFAIL if self.state.unavailable else SENDER_NOT_ALLOWED
         return self._count_recipient(session, env, client)
 
     async def _count_recipient(self, session: Session, env: Envelope, client: Client) -> Decision:

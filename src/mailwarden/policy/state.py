@@ -14,7 +14,18 @@ event. A block that could not be written then (``policy.store_error``) stays in 
 this worker and is written after the next successful refresh, so the other workers and
 nodes get it too.
 
-Public names: ``PolicyState``.
+A database that cannot be reached when the worker starts (``StoreUnavailable``: PostgreSQL
+refusing, timing out, full) does not stop it: ``start`` returns with ``unavailable`` set,
+and a background task retries the open and the first load, after ``RETRY_FIRST`` seconds
+and then twice as long each time up to ``RETRY_MAX``. Until that first load succeeds every
+check that needs the database answers a tempfail (``policy.relay``; the ``database``
+recipient directory is ``451`` until it is loaded), blocks are not known (nobody is
+blocked) and new ones wait in memory to be written. From the first successful load on the
+state is the one a normal start gives. An outage (at start, or a failed refresh later) is
+one ``policy.store_unavailable`` event with the redacted error, its end one
+``policy.store_recovered``.
+
+Public names: ``PolicyState``, ``backoff``, ``RETRY_FIRST``, ``RETRY_MAX``.
 Security: loads operator data; a registered sender outside the campus networks (SU-3) is
 ignored with a ``policy.config_error`` event instead of being trusted.
 """
@@ -23,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from mailwarden.core.controls import Control
 from mailwarden.core.events import emit
+from mailwarden.errors import StoreUnavailable
 from mailwarden.policy.clients import Classifier, SenderRegistry, config_senders
 from mailwarden.policy.counters import CounterStore, make_counters
 from mailwarden.policy.harvest import BlockList, HarvestGuard
@@ -43,6 +57,17 @@ from mailwarden.store.users import sender_login_map
 if TYPE_CHECKING:
     from mailwarden.config import Config
     from mailwarden.store.db import Store
+
+RETRY_FIRST = 1.0  # seconds before the first retry of a database that was unreachable
+RETRY_MAX = 30.0  # the retry delay doubles up to this
+
+
+def backoff(first: float = RETRY_FIRST, cap: float = RETRY_MAX) -> Iterator[float]:
+    """The waits between retries: ``first``, doubling, then ``cap`` for ever."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
 
 
 class PolicyState:
@@ -62,18 +87,64 @@ class PolicyState:
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._unsaved: dict[str, tuple[str, float]] = {}  # blocks to write when the db is back
+        # The database has never been loaded (unreachable since start): checks that need it
+        # tempfail instead of deciding from empty caches.
+        self.unavailable = False
+        self._outage = False  # a policy.store_unavailable event is out, no recovery yet
+        self.retry_first = RETRY_FIRST  # backoff of the retries while unavailable
+        self.retry_max = RETRY_MAX
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self, store: Store | None = None) -> None:
-        """Open the store (unless given) and load the caches; start the refresher."""
-        if store is None:
-            from mailwarden import store as store_mod
+        """Open the store (unless given) and load the caches; start the refresher.
 
-            store = await asyncio.to_thread(store_mod.open_store, self.cfg)
+        Raises ``StoreError`` for a database that cannot be used at all; one that cannot be
+        reached right now leaves the state ``unavailable`` and retrying in the background."""
         self.store = store
         self.blocks.on_block = self._persist_block
-        await self.refresh(force=True)
-        self._task = asyncio.get_running_loop().create_task(self._refresher())
+        loop = asyncio.get_running_loop()
+        self.unavailable = True
+        if await self._load():
+            self.unavailable = False
+            self._task = loop.create_task(self._refresher())
+        else:
+            self._task = loop.create_task(self._reconnect())
+
+    async def _load(self) -> bool:
+        """Open the store if needed and load every cache; False if the server is unreachable."""
+        try:
+            if self.store is None:
+                from mailwarden import store as store_mod
+
+                self.store = await asyncio.to_thread(store_mod.open_store, self.cfg)
+            await self.refresh(force=True)
+        except StoreUnavailable as exc:  # its text is already redacted
+            self._down(str(exc))
+            return False
+        except OperationalError as exc:  # opened, but the first load failed: retry it too
+            self._down(self.cfg.database.redact(str(exc.orig or exc)).strip())
+            return False
+        return True
+
+    def _down(self, error: str) -> None:
+        if not self._outage:
+            self._outage = True
+            emit("policy.store_unavailable", error=error, since_start=self.unavailable)
+
+    def _up(self) -> None:
+        if self._outage:
+            self._outage = False
+            emit("policy.store_recovered", was_never_loaded=self.unavailable)
+
+    async def _reconnect(self) -> None:
+        """Retry the first load with a doubling delay; then refresh as usual."""
+        for delay in backoff(self.retry_first, self.retry_max):
+            await asyncio.sleep(delay)
+            if await self._load():
+                break
+        self._up()
+        self.unavailable = False
+        await self._refresher()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -97,6 +168,10 @@ class PolicyState:
                 await self.refresh()
             except Exception as exc:  # keep the old caches; try again next time
                 emit("policy.refresh_error", error=type(exc).__name__)
+                if isinstance(exc, OperationalError):
+                    self._down(self.cfg.database.redact(str(exc.orig or exc)).strip())
+            else:
+                self._up()
 
     # -- caches -----------------------------------------------------------------------------
     async def refresh(self, *, force: bool = False) -> None:
@@ -142,6 +217,9 @@ class PolicyState:
     def _persist_block(self, ip: str, reason: str, until: float) -> None:
         store = self.store
         if store is None:
+            if self.unavailable:  # written by the first successful load
+                old = self._unsaved.get(ip)
+                self._unsaved[ip] = (reason, max(until, old[1] if old else until))
             return
 
         async def write() -> None:

@@ -15,11 +15,20 @@ and a ``connect_timeout``. Schema creation holds a transaction-scoped advisory l
 gateway nodes and CLI commands that start at once on an empty database do not collide.
 ``bump_serial`` increments in SQL (no lost update between two writers).
 
-Public names: ``Store``, ``open_store``, ``bump_serial``, ``SCHEMA_VERSION``.
-Security: the SQLite file is created mode 0600; the URL's password is never logged or
-printed: labels use ``DatabaseSettings.safe_url`` and error texts (which may quote the
-driver) pass through ``DatabaseSettings.redact``. All SQL is built by SQLAlchemy with bound
-parameters.
+A PostgreSQL server that cannot be reached right now (``is_transient``: connection refused,
+no socket, timeout, too many connections, database not accepting connections, starting or
+shutting down) makes ``open_store`` raise ``StoreUnavailable`` at once, without retrying:
+the gateway starts degraded and retries in the background. Everything else (a bad URL, a
+role or database that does not exist, an unusable SQLite path) is a plain ``StoreError``.
+``probe_store`` checks that the configured server answers (``mailwarden status``).
+
+Public names: ``Store``, ``open_store``, ``probe_store``, ``is_transient``, ``bump_serial``,
+``SCHEMA_VERSION``.
+Security: the driver's error text (untrusted: it may quote the server) is only matched
+against fixed substrings and printed redacted; the SQLite file is created mode 0600; the
+URL's password is never logged or printed: labels use ``DatabaseSettings.safe_url`` and
+error texts (which may quote the driver) pass through ``DatabaseSettings.redact``. All SQL
+is built by SQLAlchemy with bound parameters.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from mailwarden.core.sqlite import enable_wal
-from mailwarden.errors import StoreError
+from mailwarden.errors import StoreError, StoreUnavailable
 from mailwarden.store.schema import (
     BLOCKS_SERIAL,
     SCHEMA_VERSION,
@@ -71,7 +80,31 @@ APPLICATION_NAME = "mailwarden"  # pg_stat_activity.application_name of our sess
 SCHEMA_LOCK = 0x6D77_5343  # pg_advisory_xact_lock key held while the schema is created
 INIT_ATTEMPTS = 3  # schema creation tries (SQLite: several processes may race)
 
-__all__ = ["SCHEMA_VERSION", "Store", "open_store"]
+__all__ = ["SCHEMA_VERSION", "Store", "is_transient", "open_store", "probe_store"]
+
+# libpq's texts (lower-cased) for a server that is there but cannot take us right now, or
+# is not there at all. psycopg gives no SQLSTATE for a failed connection, so the text is
+# all there is; a role or database that does not exist matches none of them (fail fast).
+TRANSIENT_TEXTS = (
+    "connection refused",
+    "no such file or directory",  # the server's Unix socket is gone: it is down
+    "timeout expired",
+    "timed out",
+    "too many clients",
+    "too many connections",
+    "remaining connection slots are reserved",
+    "is not currently accepting connections",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "server closed the connection unexpectedly",
+    "terminating connection due to administrator command",
+    "network is unreachable",
+    "no route to host",
+    "temporary failure in name resolution",
+)
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, resources, operator action
 
 
 def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
@@ -201,8 +234,41 @@ def _init_schema(engine: Engine) -> None:
         conn.commit()
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (a SQLAlchemy or driver error) says the PostgreSQL server is
+    unreachable for now, as opposed to a configuration or permission problem."""
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str) and state[:2] in TRANSIENT_SQLSTATE_CLASSES:
+        return True
+    message = str(orig).lower()
+    return any(t in message for t in TRANSIENT_TEXTS)
+
+
+def probe_store(cfg: Config) -> str | None:
+    """``None`` when the configured database answers a query, else the redacted reason.
+
+    The embedded default (SQLite under ``state_dir``) has no server to reach: ``None``."""
+    settings: DatabaseSettings = cfg.database
+    if not settings.url:
+        return None
+    try:
+        engine = make_engine(settings, cfg.state_path)
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+        return settings.redact(str(exc)).strip()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        return settings.redact(str(getattr(exc, "orig", None) or exc)).strip()
+    finally:
+        engine.dispose()
+    return None
+
+
 def open_store(cfg: Config) -> Store:
-    """Open (and create if needed) the configured database; raise ``StoreError``."""
+    """Open (and create if needed) the configured database; raise ``StoreError``, or
+    ``StoreUnavailable`` when the server cannot be reached right now."""
     settings: DatabaseSettings = cfg.database
     label = settings.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}"
     try:
@@ -215,6 +281,10 @@ def open_store(cfg: Config) -> Store:
             _init_schema(engine)
             break
         except (OperationalError, IntegrityError) as exc:
+            if engine.dialect.name != "sqlite" and is_transient(exc):
+                engine.dispose()  # the server is down or full: the caller retries later
+                reason = settings.redact(str(exc.orig)).strip()
+                raise StoreUnavailable(f"cannot reach the database {label}: {reason}") from None
             if attempt == INIT_ATTEMPTS - 1:
                 engine.dispose()
                 reason = settings.redact(str(exc.orig)).strip()
