@@ -130,7 +130,10 @@ async def _serve_worker(
     signer = DkimSigner(cfg.dkim, cfg.dkim_path) if cfg.dkim.sign else None
     content = ContentFilter(engine, quarantine, cfg.gateway.hostname, signer)
     # SMTP AUTH (SU-8) for the submission listeners; one service (and counters) per worker.
-    auth = build_auth_service(cfg) if any(li.submission for li in cfg.listener) else None
+    # While the database is unreachable the AUTH backend opens it at a later AUTH instead.
+    connect = not policy.state.unavailable
+    submission = any(li.submission for li in cfg.listener)
+    auth = build_auth_service(cfg, connect=connect) if submission else None
     servers = [
         SmtpServer(
             cfg, li, ssl_context=ctx, sink=spool, policy=policy, content_filter=content, auth=auth

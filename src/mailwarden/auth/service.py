@@ -121,8 +121,13 @@ class AuthService:
             close()
 
 
-def build_auth_service(cfg: Config, counter: WindowCounter | None = None) -> AuthService:
-    """The configured backend behind an ``AuthService`` (opens the store for 'database')."""
+def build_auth_service(
+    cfg: Config, counter: WindowCounter | None = None, *, connect: bool = True
+) -> AuthService:
+    """The configured backend behind an ``AuthService`` (opens the store for 'database').
+
+    ``connect=False``: the caller already knows the database is unreachable; do not wait
+    for it here (a connect timeout), open it at a later AUTH instead."""
     settings: AuthSettings = cfg.auth
     backend: Authenticator
     if settings.backend == "ldap":
@@ -136,8 +141,10 @@ def build_auth_service(cfg: Config, counter: WindowCounter | None = None) -> Aut
         from mailwarden.errors import StoreUnavailable
         from mailwarden.store import open_store
 
+        store = None
         try:
-            store = open_store(cfg)
+            if connect:
+                store = open_store(cfg)
         except StoreUnavailable:  # the server is down right now: AUTH is 454 until it is back
             store = None
         backend = DatabaseAuthenticator(store, Hasher(settings.argon2), lambda: open_store(cfg))
