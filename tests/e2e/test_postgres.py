@@ -84,9 +84,12 @@ def auth_reply(gw: Gateway, password: str = PASSWORD) -> tuple[int, smtplib.SMTP
     return code, c
 
 
-def test_gateway_on_postgresql(
-    gateway_factory: Any, postfix_factory: Any, pg_database: PgDatabase
-) -> None:
+def _gateway_with_alice(
+    gateway_factory: Any, postfix_factory: Any, pg_database: PgDatabase, policy: dict[str, Any]
+) -> tuple[Gateway, Any, list[str]]:
+    """A fresh database, Postfix as the smarthost, a two-worker gateway (not started) on
+    PostgreSQL with a password in its URL, and user alice added with the CLI; returns the
+    gateway, the Postfix and the CLI output so far (checked later for secrets)."""
     pg_database.reset()
     outside = postfix_factory.downstream([OUTSIDE], [DAVE])
     url = pg_database.url.replace(f"//{pg_database.role}@", f"//{pg_database.role}:{URL_PASSWORD}@")
@@ -94,20 +97,22 @@ def test_gateway_on_postgresql(
         start=False,
         workers=2,
         delivery={"smarthost": f"{LOOPBACK}:{outside.port}"},
-        extra={"database": {"url": url}, "policy": POLICY, "auth": dict(FAST)},
+        extra={"database": {"url": url}, "policy": policy, "auth": dict(FAST)},
     )
-    outputs: list[str] = []
     add = user_cli(
-        gw,
-        "add",
-        "alice",
-        "--address",
-        "alice@example.edu",
-        "--password-stdin",
+        gw, "add", "alice", "--address", "alice@example.edu", "--password-stdin",
         stdin=PASSWORD + "\n",
-    )
-    outputs += [add.stdout, add.stderr]
+    )  # fmt: skip
     assert add.returncode == 0, add.stderr
+    return gw, outside, [add.stdout, add.stderr]
+
+
+def test_gateway_on_postgresql(
+    gateway_factory: Any, postfix_factory: Any, pg_database: PgDatabase
+) -> None:
+    gw, outside, outputs = _gateway_with_alice(
+        gateway_factory, postfix_factory, pg_database, POLICY
+    )
     gw.start()
     assert f"{pg_database.role}:***@/{pg_database.name}" in gw.output()
     assert pg_database.sessions("mailwarden")  # the workers really use PostgreSQL
@@ -173,28 +178,10 @@ def test_gateway_starts_while_the_database_is_down(
     ``451 4.3.0``, AUTH ``454 4.7.0``, ``mailwarden status`` says UNAVAILABLE; once the
     database takes connections again each worker reports ``policy.store_recovered`` and
     the relay and AUTH work, without a restart."""
-    pg_database.reset()
-    outside = postfix_factory.downstream([OUTSIDE], [DAVE])
-    url = pg_database.url.replace(f"//{pg_database.role}@", f"//{pg_database.role}:{URL_PASSWORD}@")
     policy = POLICY | {"default_directory": "static", "recipients": ["bob@example.edu"]}
-    gw: Gateway = gateway_factory(
-        start=False,
-        workers=2,
-        delivery={"smarthost": f"{LOOPBACK}:{outside.port}"},
-        extra={"database": {"url": url}, "policy": policy, "auth": dict(FAST)},
+    gw, outside, outputs = _gateway_with_alice(
+        gateway_factory, postfix_factory, pg_database, policy
     )
-    outputs: list[str] = []
-    add = user_cli(
-        gw,
-        "add",
-        "alice",
-        "--address",
-        "alice@example.edu",
-        "--password-stdin",
-        stdin=PASSWORD + "\n",
-    )
-    outputs += [add.stdout, add.stderr]
-    assert add.returncode == 0, add.stderr
     res = gw.cli("senders", "add", LAB, "--name", "lab", "--domain", "lab.example.edu")
     outputs += [res.stdout, res.stderr]
 
