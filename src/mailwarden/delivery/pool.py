@@ -41,7 +41,7 @@ class ConnectionPool:
         while conns:
             conn = conns.pop()
             self._cancel_timer(conn)
-            if conn.broken or conn.writer.is_closing() or now - conn.last_used > self.idle:
+            if conn.broken or conn.closing or now - conn.last_used > self.idle:
                 self._close_later(conn)
                 continue
             conn.reused = True
@@ -53,7 +53,7 @@ class ConnectionPool:
         if (
             not self.enabled
             or conn.broken
-            or conn.writer.is_closing()
+            or conn.closing
             or conn.uses >= self.max_reuse
             or len(self._idle[key]) >= MAX_IDLE_PER_KEY
         ):

@@ -21,13 +21,15 @@ import contextlib
 import re
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 from mailwarden.core.types import TLSInfo
 
 MAX_REPLY_LINE = 4096  # bytes in one reply line; RFC 5321 says 512, servers exceed it
 MAX_REPLY_LINES = 200  # lines in one multi-line reply
-STREAM_LIMIT = 65536  # asyncio StreamReader buffer limit
+MAX_QUEUED_REPLIES = 2048  # replies received but not yet read: more than we ever pipeline
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _FORBIDDEN_IN_COMMAND = re.compile(r"[\r\n\x00]")
 
@@ -106,21 +108,164 @@ class Transaction:
     clean: bool = False  # the session is ready for a new transaction
 
 
+class _ReplyProtocol(asyncio.Protocol):
+    """Parses the server's bytes into complete replies as they arrive.
+
+    Replies queue up in ``replies``; the first malformed line, an overlong line, too much
+    unread data or the end of the connection is kept in ``error`` and wakes the waiter.
+    Nothing is read after an error.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.replies: deque[Reply] = deque()
+        self.error: ProtocolError | None = None
+        self.lost = False
+        self._buffer = bytearray()
+        self._lines: list[str] = []  # lines of the multi-line reply being read
+        self._code = 0
+        self._need = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        buf = self._buffer
+        buf += data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if nl + 1 - start > MAX_REPLY_LINE:
+                self._fail("reply line too long")
+                return
+            if not self._line(bytes(buf[start : nl + 1])):
+                return
+            start = nl + 1
+        if start:
+            del buf[:start]
+        if len(buf) > MAX_REPLY_LINE:
+            self._fail("reply line too long")
+            return
+        if len(self.replies) > MAX_QUEUED_REPLIES:
+            self._fail("the server sent more replies than commands")
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.error is None:
+            self.error = ProtocolError("connection closed by server")
+        self._wake(force=True)
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # Parsing ---------------------------------------------------------------------------
+    def _line(self, raw: bytes) -> bool:
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+            self._fail(f"malformed reply line {line[:80]!r}")
+            return False
+        code = int(line[:3])
+        lines = self._lines
+        if lines and code != self._code:
+            self._fail("reply code changed inside a multi-line reply")
+            return False
+        self._code = code
+        lines.append(line[4:])
+        if len(lines) > MAX_REPLY_LINES:
+            self._fail("too many reply lines")
+            return False
+        if line[3:4] != "-":
+            self.replies.append(Reply(code, tuple(lines)))
+            self._lines = []
+        return True
+
+    def _fail(self, why: str) -> None:
+        self.error = ProtocolError(why)
+        self._buffer.clear()
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake(force=True)
+
+    # Waiting ---------------------------------------------------------------------------
+    def _wake(self, force: bool = False) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (force or len(self.replies) >= self._need):
+            waiter.set_result(None)
+
+    async def wait_replies(self, n: int, timeout: float) -> None:
+        """Return once ``n`` replies are queued, or the connection failed (the caller then
+        finds fewer); raise TimeoutError after ``timeout`` seconds. One timer per call."""
+        if len(self.replies) >= n or self.error is not None:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._need, self._waiter = n, waiter
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def writable(self, timeout: float) -> None:
+        """Wait until the transport takes more data (only when its buffer is full)."""
+        if not self._paused or self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        self._writable = loop.create_future()
+        timer = loop.call_later(timeout, _expire, self._writable)
+        try:
+            await self._writable
+        finally:
+            timer.cancel()
+            self._writable = None
+
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class SMTPConnection:
     """One client connection to an SMTP or LMTP server."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        protocol: _ReplyProtocol,
         label: str,
         *,
         lmtp: bool = False,
         command_timeout: float = 300.0,
         data_timeout: float = 600.0,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        self.transport = transport
+        self.protocol = protocol
         self.label = label  # "mx1.example.org[192.0.2.1]:25" or "unix:/path"
         self.lmtp = lmtp
         self.command_timeout = command_timeout
@@ -148,11 +293,12 @@ class SMTPConnection:
         lmtp: bool = False,
     ) -> tuple[SMTPConnection, Reply]:
         """Connect and read the greeting. Raises OSError/TimeoutError/ProtocolError."""
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(ip, port, limit=STREAM_LIMIT)
+            transport, protocol = await loop.create_connection(_ReplyProtocol, ip, port)
         conn = cls(
-            reader,
-            writer,
+            transport,
+            protocol,
             label,
             lmtp=lmtp,
             command_timeout=command_timeout,
@@ -170,11 +316,12 @@ class SMTPConnection:
         data_timeout: float,
         lmtp: bool = True,
     ) -> tuple[SMTPConnection, Reply]:
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
+            transport, protocol = await loop.create_unix_connection(_ReplyProtocol, path)
         conn = cls(
-            reader,
-            writer,
+            transport,
+            protocol,
             f"unix:{path}",
             lmtp=lmtp,
             command_timeout=command_timeout,
@@ -190,53 +337,55 @@ class SMTPConnection:
             self.abort()
             raise
 
+    @property
+    def closing(self) -> bool:
+        """True once the connection is closed or closing (it cannot carry another command)."""
+        return self.protocol.lost or self.transport.is_closing()
+
     # Replies ---------------------------------------------------------------------------
+    async def _wait(self, n: int, timeout: float | None = None) -> None:
+        """Wait for ``n`` queued replies (fewer if the connection failed first)."""
+        try:
+            await self.protocol.wait_replies(n, timeout or self.command_timeout)
+        except TimeoutError:
+            self.broken = True
+            raise
+
+    def _next(self) -> Reply:
+        """The next queued reply; ProtocolError if the connection failed before it."""
+        protocol = self.protocol
+        if protocol.replies:
+            return protocol.replies.popleft()
+        self.broken = True
+        raise protocol.error or ProtocolError("connection closed by server")
+
     async def read_reply(self, timeout: float | None = None) -> Reply:
         """Read one complete reply (all continuation lines)."""
-        lines: list[str] = []
-        code = 0
-        async with asyncio.timeout(timeout or self.command_timeout):
-            while True:
-                try:
-                    raw = await self.reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    self.broken = True
-                    raise ProtocolError("connection closed by server") from exc
-                except asyncio.LimitOverrunError as exc:
-                    self.broken = True
-                    raise ProtocolError("reply line too long") from exc
-                if len(raw) > MAX_REPLY_LINE:
-                    self.broken = True
-                    raise ProtocolError("reply line too long")
-                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
-                    self.broken = True
-                    raise ProtocolError(f"malformed reply line {line[:80]!r}")
-                this = int(line[:3])
-                if lines and this != code:
-                    self.broken = True
-                    raise ProtocolError("reply code changed inside a multi-line reply")
-                code = this
-                lines.append(line[4:])
-                if len(lines) > MAX_REPLY_LINES:
-                    self.broken = True
-                    raise ProtocolError("too many reply lines")
-                if line[3:4] != "-":
-                    return Reply(code, tuple(lines))
+        await self._wait(1, timeout)
+        return self._next()
+
+    def _write(self, data: bytes) -> None:
+        if self.closing:
+            self.broken = True
+            raise ProtocolError("write failed: the connection is closed")
+        self.transport.write(data)
 
     async def command(self, line: str) -> Reply:
         """Send one command and read its reply."""
-        self.writer.write(_command(line))
+        self._write(_command(line))
         await self._drain(self.command_timeout)
         return await self.read_reply()
 
     async def _drain(self, timeout: float) -> None:
+        """Wait while the transport's buffer is full (returns at once otherwise)."""
         try:
-            async with asyncio.timeout(timeout):
-                await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
+            await self.protocol.writable(timeout)
+        except TimeoutError:
             self.broken = True
-            raise ProtocolError(f"write failed: {exc}") from exc
+            raise
+        if self.protocol.lost and not self.protocol.replies:
+            self.broken = True
+            raise ProtocolError("write failed: connection lost")
 
     # Session setup ---------------------------------------------------------------------
     async def hello(self, name: str) -> Reply:
@@ -274,18 +423,27 @@ class SMTPConnection:
         if reply.code != 220:
             return reply
         # Anything the server sent after its 220 was sent in plaintext: a MITM injection.
-        if self.reader._buffer:  # type: ignore[attr-defined]
+        if self.protocol.replies or self.protocol.pending_bytes():
             self.broken = True
             raise ProtocolError("server sent data after its STARTTLS reply (injection)")
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.command_timeout):
-                await self.writer.start_tls(context, server_hostname=server_hostname)
+                transport = await loop.start_tls(
+                    self.transport, self.protocol, context, server_hostname=server_hostname
+                )
         except BaseException:
             self.broken = True
+            self.transport.abort()
             raise
+        if transport is None:  # the loop had nothing to upgrade: the peer went away
+            self.broken = True
+            raise ProtocolError("connection closed during the TLS handshake")
+        self.transport = transport
+        self.protocol.transport = transport
         self.extensions = {}
         self.esmtp = False
-        sslobj = self.writer.get_extra_info("ssl_object")
+        sslobj = self.transport.get_extra_info("ssl_object")
         if isinstance(sslobj, ssl.SSLObject):
             cipher = sslobj.cipher()
             self.tls = TLSInfo(
@@ -314,9 +472,12 @@ class SMTPConnection:
         pipelining = self.has("PIPELINING")
         lines = [mail_cmd, *rcpt_cmds, "DATA"] if pipelining else [mail_cmd]
         try:
-            self.writer.write(b"".join(_command(c) for c in lines))
+            self._write(b"".join([_command(c) for c in lines]))
             await self._drain(self.command_timeout)
-            tx.mail = await self.read_reply()
+            # One wait (one timer) for the whole pipelined group; it ends early if the
+            # connection fails, and the replies read so far still count.
+            await self._wait(len(lines))
+            tx.mail = self._next()
         except (ProtocolError, OSError) as exc:
             if self.reused:
                 raise StaleConnection(str(exc)) from exc
@@ -326,8 +487,8 @@ class SMTPConnection:
             raise StaleConnection(str(tx.mail))
         if pipelining:
             for _ in rcpt_cmds:
-                tx.rcpt.append(await self.read_reply())
-            tx.data = await self.read_reply()
+                tx.rcpt.append(self._next())
+            tx.data = self._next()
         else:
             if tx.mail.code != 250:
                 await self._reset(tx)
@@ -344,15 +505,17 @@ class SMTPConnection:
             return tx
         if tx.mail.code != 250 or not accepted:
             # RFC 2920 3.1: DATA was accepted although nothing else was: send an empty body.
-            self.writer.write(b".\r\n")
+            self._write(b".\r\n")
             await self._drain(self.command_timeout)
             await self.read_reply(self.data_timeout)
             tx.clean = True
             return tx
-        self.writer.write(dot_stuff(message))
+        self._write(dot_stuff(message))
         await self._drain(self.data_timeout)
-        for _ in accepted if self.lmtp else [0]:
-            tx.final.append(await self.read_reply(self.data_timeout))
+        finals = len(accepted) if self.lmtp else 1
+        await self._wait(finals, self.data_timeout)
+        for _ in range(finals):
+            tx.final.append(self._next())
         tx.clean = True
         self.uses += 1
         return tx
@@ -369,11 +532,9 @@ class SMTPConnection:
     async def quit(self, timeout: float = 5.0) -> None:
         """Polite QUIT then close; never raises."""
         try:
-            if not self.broken and not self.writer.is_closing():
-                self.writer.write(b"QUIT\r\n")
-                async with asyncio.timeout(timeout):
-                    await self.writer.drain()
-                    await self.reader.read(512)
+            if not self.broken and not self.closing:
+                self._write(b"QUIT\r\n")
+                await self.protocol.wait_replies(len(self.protocol.replies) + 1, timeout)
         except Exception:  # noqa: S110
             pass
         self.abort()
@@ -382,4 +543,4 @@ class SMTPConnection:
         """Close the socket at once."""
         self.broken = True
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.transport.abort()
