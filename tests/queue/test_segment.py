@@ -18,6 +18,7 @@ import pytest_asyncio
 from mailwarden.config import default_config
 from mailwarden.core.events import MemorySink, set_sink
 from mailwarden.core.types import DeliveryStatus
+from mailwarden.queue import spool as spool_mod
 from mailwarden.queue.scheduler import Scheduler
 from mailwarden.queue.segment import LOG_DIR, marker_name, scan_segment, segment_seqs
 from mailwarden.queue.spool import QueueState, Spool
@@ -366,6 +367,38 @@ async def test_operator_loses_to_an_earlier_completion(tmp_path: Path) -> None:
     assert not other.take_from_log(qid, to_hold=True)  # gone: nothing written to hold/
     assert other.ids(QueueState.HOLD) == []
     spool.close()
+
+
+@pytest.mark.asyncio
+async def test_crash_between_deferral_copy_and_claim_keeps_only_the_held_copy(
+    tmp_path: Path, events: MemorySink
+) -> None:
+    """The operator took a live message to hold/ while the scheduler, past its marker
+    check, wrote its deferred/ copy, and the gateway died before the scheduler's .done
+    line (which would have removed that copy): on restart only the held copy is left,
+    with the original bytes."""
+    spool = log_spool(tmp_path)
+    [qid, other_id] = await fill(spool, 2)
+    msg = spool.fresh(qid)
+    assert msg is not None
+    data = spool.read_data(msg)
+    # The scheduler has checked for an operator marker (none yet) and is about to write
+    # its deferred/ copy; the operator takes the message to hold/ meanwhile...
+    operator = Spool(tmp_path, "w0")
+    assert await asyncio.to_thread(operator.take_from_log, qid, to_hold=True)
+    # ...then the scheduler's copy lands (the first half of Spool._materialise).
+    target = str(spool.file(qid, QueueState.DEFERRED))
+    job = spool_mod._Write(msg.snapshot, data, f"{spool._incoming}/{qid}.tmp", target)
+    await spool._committer(QueueState.DEFERRED).commit(job)
+    assert (tmp_path / "w0" / "deferred" / qid).exists()  # both copies exist: the crash
+    spool.close()  # SIGKILL stand-in: nothing more of the deferral runs
+    events.events.clear()
+    again = recovered(tmp_path)
+    assert again.ids(QueueState.DEFERRED) == [] and again.ids(QueueState.HOLD) == [qid]
+    assert again.read_data(again.load(qid, QueueState.HOLD)) == body(qid)
+    assert again.ids(QueueState.ACTIVE) == [other_id]  # the untouched one comes back
+    dup = [e for e in events.events if e.name == "queue.duplicate_removed"]
+    assert [(e.fields["queue_id"], e.fields["state"]) for e in dup] == [(qid, "deferred")]
 
 
 @pytest.mark.asyncio

@@ -791,6 +791,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(self.dir(QueueState.INCOMING) / name)
         self.recover_log()
+        self._resolve_twins()
         present = {n for s in (*QUEUED_STATES, QueueState.CORRUPT) for n in self.ids(s)}
         for name in os.listdir(self.path / "done"):
             qid = name.removesuffix(".done")
@@ -798,6 +799,22 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path / "done" / name)
         return self.ids(QueueState.ACTIVE) + self.ids(QueueState.DEFERRED)
+
+    def _resolve_twins(self) -> None:
+        """A message in ``hold/`` and also in ``active/`` or ``deferred/``: a crash fell
+        between the scheduler materialising its copy and the claim in the segment's
+        ``.done`` file that would have removed one of the two, while the operator held
+        the message. The copies hold the same bytes and share one journal; the held one
+        is kept (never delivered twice, never lost: the operator can release it)."""
+        held = set(self.ids(QueueState.HOLD))
+        for state in (QueueState.ACTIVE, QueueState.DEFERRED):
+            twins = held.intersection(self.ids(state))
+            for qid in sorted(twins):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.file(qid, state))
+                emit("queue.duplicate_removed", queue_id=qid, state=state.value, kept="hold")
+            if twins:
+                self.fsync_dir(state)
 
     def recover_log(self) -> list[str]:
         """Materialise every segment not written by this instance (a previous process's):
