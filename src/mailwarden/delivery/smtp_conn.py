@@ -183,7 +183,9 @@ class _ReplyProtocol(asyncio.Protocol):
     # Parsing ---------------------------------------------------------------------------
     def _line(self, raw: bytes) -> bool:
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+        # bytes.isdigit() is ASCII only; str.isdigit() also accepts U+00B2 (which int()
+        # rejects: ValueError in data_received) and U+0662 (which int() reads as 2).
+        if len(line) < 3 or not raw[:3].isdigit() or line[3:4] not in ("", " ", "-"):
             self._fail(f"malformed reply line {line[:80]!r}")
             return False
         code = int(line[:3])
@@ -367,7 +369,9 @@ class SMTPConnection:
     def _write(self, data: bytes) -> None:
         if self.closing:
             self.broken = True
-            raise ProtocolError("write failed: the connection is closed")
+            # The reason the connection failed (a flood, a bad line behind a good reply) if the
+            # protocol recorded one, as _next would report it.
+            raise self.protocol.error or ProtocolError("write failed: the connection is closed")
         self.transport.write(data)
 
     async def command(self, line: str) -> Reply:
