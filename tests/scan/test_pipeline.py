@@ -141,6 +141,14 @@ def test_a_pipeline_that_overruns_fails_closed(tmp_path: Path) -> None:
         (b"X-Virus-Scanned: clean\r\nX-Spamming: keep\r\n", b"X-Spamming: keep\r\n"),
         (b"Authentication-Results: MailWarden.Test.; spf=pass\r\n", b""),
         (b"Authentication-Results: (c) mailwarden.test; dkim=pass\r\n", b""),
+        # Nested comments and quoted pairs hide nothing (RFC 8601 section 5).
+        (b"Authentication-Results: (a (b) c)\r\n\t(d)mailwarden.test; dkim=pass\r\n", b""),
+        (b"Authentication-Results: (a \\) b) mailwarden.test; dkim=pass\r\n", b""),
+        (b"Authentication-Results: " + b"(" * 40 + b")" * 40 + b" mx.other.org; x\r\n", b""),
+        (
+            b"Authentication-Results: (a (b) mailwarden.test; spf=pass\r\n",
+            b"Authentication-Results: (a (b) mailwarden.test; spf=pass\r\n",
+        ),
         (
             b"Authentication-Results: mx.other.org; spf=pass\r\n",
             b"Authentication-Results: mx.other.org; spf=pass\r\n",

@@ -25,7 +25,9 @@ other processes); the header work here reads only the header section.
 Public names: ``ContentFilter``, ``Outcome``, ``strip_untrusted``, ``tag_subject``.
 Security: ``data`` is hostile. Header edits are linear regexes on the header section only;
 the reply text quotes virus names through ``_reply_safe`` (printable ASCII, bounded), never
-raw message content.
+raw message content. The authserv-id of a client's ``Authentication-Results`` is found past
+nested comments and quoted pairs, so a forged one cannot hide behind them; a field with more
+than ``MAX_CFWS_STEPS`` of them in front is removed whatever it claims.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ if TYPE_CHECKING:
 
 PIPELINE_GRACE = 5.0  # seconds on top of the scan timeout before the whole pipeline gives up
 MAX_REPLY_DETAIL = 120  # characters of a verdict detail quoted in an SMTP reply
+MAX_CFWS_STEPS = 64  # parentheses/quoted pairs read before a client's A-R authserv-id
 
 # One header field with its folded continuation lines (framing validated before this runs).
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
 _CANDIDATE = re.compile(
     rb"^(?:x-spam-|x-virus-scanned|authentication-results|subject)", re.IGNORECASE | re.MULTILINE
 )
-_AUTHSERV_ID = re.compile(rb"^\s*(?:\([^)]*\)\s*)*([^\s;()]+)")
+_AUTHSERV_ID = re.compile(rb"[^\s;()]+")
+_COMMENT_STEP = re.compile(rb"\\.|[()]", re.DOTALL)  # a quoted pair or a parenthesis
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,33 @@ def _untrusted(name: bytes, value: bytes, hostname: bytes) -> bool:
     if n.startswith(b"x-spam-") or n == b"x-virus-scanned":
         return True
     if n == b"authentication-results":
-        m = _AUTHSERV_ID.match(value.replace(b"\r\n", b""))
-        return m is not None and m.group(1).lower().rstrip(b".") == hostname
+        start = _skip_cfws(value)
+        if start is None:  # a maze of comments before the authserv-id: drop it to be safe
+            return True
+        m = _AUTHSERV_ID.match(value, start)
+        return m is not None and m.group(0).lower().rstrip(b".") == hostname
     return False
+
+
+def _skip_cfws(value: bytes) -> int | None:
+    """Index of the first byte of ``value`` past white space and (nested) comments (RFC
+    5322 CFWS, quoted pairs honoured); ``None`` past ``MAX_CFWS_STEPS`` parentheses and
+    quoted pairs (no real authserv-id hides behind that many)."""
+    depth = 0
+    pos = 0
+    for _ in range(MAX_CFWS_STEPS):
+        if not depth:
+            while value[pos : pos + 1] in (b" ", b"\t", b"\r", b"\n"):
+                pos += 1
+            if value[pos : pos + 1] != b"(":
+                return pos
+        m = _COMMENT_STEP.search(value, pos)
+        if m is None:  # unterminated comment: nothing follows it
+            return len(value)
+        token = m.group(0)
+        depth += 1 if token == b"(" else -1 if token == b")" else 0
+        pos = m.end()
+    return None
 
 
 def strip_untrusted(header: bytes, hostname: str) -> bytes:
