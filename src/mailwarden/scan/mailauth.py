@@ -27,8 +27,17 @@ authenticate it checks, concurrently and off the event loop (a small thread pool
   ``ARC_FAILED`` (broken seal or signature, changed message, a chain that already
   failed, malformed or too many sets, no key) or ``ARC_TEMPERROR`` (DNS timeout or
   SERVFAIL). A valid chain says only that the sealers' domains vouch for the hops, not
-  that they are trustworthy: it overrides no SPF/DKIM/DMARC result, ``ARC_PASS`` scores
-  0 and ``ARC_FAILED`` only a little (never a forced action by default).
+  that they are trustworthy: alone it overrides no SPF/DKIM/DMARC result, ``ARC_PASS`` scores
+  0 and ``ARC_FAILED`` only a little (never a forced action by default);
+- trusted ARC sealers (``arc_trusted_sealers``, RFC 8617 section 7.2.1, a local policy
+  override in the sense of RFC 7489 section 6.7): a DMARC failure is excused when the
+  chain passed, the newest ARC-Seal's ``d=`` is listed, and that sealer's own
+  ARC-Authentication-Results vouch for the From domain (``dmarc=pass`` for it; without a
+  dmarc clause, an aligned ``dkim=pass`` or ``spf=pass``): ``DMARC_ARC_OVERRIDE`` replaces
+  ``DMARC_POLICY_REJECT``/``_QUARANTINE`` (``DMARC_FAILED`` stays), the dmarc clause gets
+  ``reason="policy overridden: trusted ARC sealer D"`` and the event ``dmarc_override``.
+  A trusted sealer that itself saw the message fail (a spoof relayed by a trusted list)
+  excuses nothing; neither does an untrusted sealer or a broken chain.
 
 No symbol name ends in ``_FAIL``: that suffix means "a scanner failed, fail closed".
 A DNS timeout or SERVFAIL is a ``*_TEMPERROR`` symbol (score 0), never a failure, and no
@@ -38,7 +47,8 @@ DMARC policy is enforced on a temporary error; the whole check is bounded by
 content hook prepends to delivered mail, and into the event ``mailauth.result``.
 
 Public names: ``MailAuthScanner``, ``AuthOutcome``, ``DEFAULT_SCORES``,
-``MAX_DKIM_SIGNATURES``, ``MAX_ARC_SETS``, ``aligned``, ``parse_dmarc``, ``from_domains``.
+``MAX_DKIM_SIGNATURES``, ``MAX_ARC_SETS``, ``aligned``, ``parse_dmarc``, ``from_domains``,
+``aar_vouches``, ``safe_domain``.
 Security: everything here is hostile: the message, its signatures, the envelope, and
 the DNS answers of the sender's zones. Work is bounded (signatures, records, time);
 values quoted into the header are restricted to a safe character set, so a message can
@@ -81,6 +91,7 @@ MIN_DKIM_KEY_BITS = 1024  # RFC 8301: shorter RSA keys are not accepted
 ENGINE_GRACE = 2.0  # seconds the verdict engine waits beyond our own budget
 MAX_REASON = 80  # characters of a reason quoted into Authentication-Results
 DMARC_DNS_LOOKUPS = 2  # _dmarc.<from>, then _dmarc.<last two labels>
+MAX_AAR_CHARS = 8192  # a trusted sealer's ARC-Authentication-Results longer than this is ignored
 
 DEFAULT_SCORES: dict[str, float] = {
     "SPF_PASS": -0.5,
@@ -102,6 +113,7 @@ DEFAULT_SCORES: dict[str, float] = {
     "DMARC_BAD_FROM": 3.0,
     "DMARC_POLICY_REJECT": 5.0,
     "DMARC_POLICY_QUARANTINE": 4.0,
+    "DMARC_ARC_OVERRIDE": -3.0,  # a trusted sealer vouches: cancels DMARC_FAILED
     "ARC_PASS": 0.0,  # anyone can seal: an intact chain alone earns no trust
     "ARC_FAILED": 1.0,
     "ARC_NA": 0.0,
@@ -127,6 +139,7 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)*
 _ARC_FIELD = re.compile(
     rb"^arc-(?:seal|message-signature|authentication-results)[ \t]*:", re.I | re.M
 )
+_AAR_INSTANCE = re.compile(r"^\s*i\s*=\s*\d+\s*;")
 
 _DKIM_REASONS: dict[type[Exception], str] = {
     dkim.KeyFormatError: "bad key record",
@@ -162,6 +175,7 @@ class ArcResult:
     selector: str = ""
     sets: int = 0  # the newest instance (i=)
     oldest_pass: int = 0  # RFC 8617 5.2: oldest instance whose AMS verifies, 0 = all do
+    aar: str = ""  # the newest ARC-Authentication-Results value (unfolded), when it passed
 
 
 @dataclass(slots=True)
@@ -178,6 +192,7 @@ class AuthOutcome:
     from_domain: str = ""
     arc: ArcResult = field(default_factory=lambda: ArcResult("none"))
     client_ip: str = ""
+    dmarc_override: str = ""  # the trusted sealer that excused a DMARC failure
 
 
 def safe_domain(value: str) -> str:
@@ -230,6 +245,54 @@ def from_domains(header: bytes) -> list[str] | None:
     return domains or None
 
 
+def aar_vouches(aar: str, from_domain: str) -> bool:
+    """True if the ARC-Authentication-Results value ``aar`` (``i=N; authserv-id; ...``)
+    says the message passed DMARC for ``from_domain`` when that sealer received it: a
+    ``dmarc=pass`` for it and no other dmarc result; without any dmarc clause, a
+    ``dkim=pass`` or ``spf=pass`` whose domain aligns (relaxed) with it."""
+    if not from_domain or len(aar) > MAX_AAR_CHARS:
+        return False
+    value = _AAR_INSTANCE.sub("", aar, count=1).replace("\r\n", " ")
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse(
+            "Authentication-Results: " + value.strip()
+        )
+        results = list(parsed.results)
+    except Exception:  # hostile text the parser refused (several exception types)
+        return False
+    dmarc = [r for r in results if getattr(r, "method", "") == "dmarc"]
+    if dmarc:
+        return all(
+            _prop(r, "result") == "pass"
+            and safe_domain(_prop(r, "header", "from") or from_domain) == from_domain
+            for r in dmarc
+        )
+    for r in results:
+        method = getattr(r, "method", "")
+        if _prop(r, "result") != "pass":
+            continue
+        if method == "dkim":
+            domain = _prop(r, "header", "d")
+        elif method == "spf":
+            domain = _prop(r, "smtp", "mailfrom").rpartition("@")[2]
+        else:
+            continue
+        if aligned(safe_domain(domain), from_domain, strict=False):
+            return True
+    return False
+
+
+def _prop(result: Any, ptype: str, name: str = "") -> str:
+    """The result (``ptype="result"``) or the ``ptype.name`` property of a parsed clause,
+    lower case ("" when absent); the generic parser knows no method-specific names."""
+    if ptype == "result":
+        return str(getattr(result, "result", "") or "").lower()
+    for prop in getattr(result, "properties", None) or ():
+        if str(prop.type).lower() == ptype and str(prop.name).lower() == name:
+            return str(prop.value or "").lower()
+    return ""
+
+
 def _reason(text: str) -> str:
     out = "".join(c for c in text if 32 <= ord(c) < 127 and c not in '"\\')
     return out[:MAX_REASON]
@@ -256,6 +319,7 @@ class MailAuthScanner:
         self.budget = budget
         self.timeout = budget + ENGINE_GRACE  # read by the verdict engine
         self.resolver = AuthResolver(nameservers, dns_timeout)
+        self.trusted_sealers = frozenset(settings.arc_trusted_sealers)
         self._pool = ThreadPoolExecutor(MAX_AUTH_THREADS, thread_name_prefix="mailauth")
         install_spf_hook()
 
@@ -283,6 +347,7 @@ class MailAuthScanner:
             from_domain=outcome.from_domain or None,
             arc=outcome.arc.result if self.settings.arc else None,
             arc_domain=outcome.arc.domain or None,
+            dmarc_override=outcome.dmarc_override or None,
         )
         return self.symbols(outcome)
 
@@ -320,7 +385,19 @@ class MailAuthScanner:
             _result(dmarc_job, ("temperror", None, False)) if dmarc_job else ("none", None, False)
         )
         self._evaluate_dmarc(out, *record)
+        self._trusted_override(out)
         return out
+
+    def _trusted_override(self, out: AuthOutcome) -> None:
+        """RFC 8617 7.2.1: a DMARC failure excused by a trusted sealer's valid chain."""
+        arc = out.arc
+        if (
+            out.dmarc == "fail"
+            and arc.result == "pass"
+            and arc.domain in self.trusted_sealers
+            and aar_vouches(arc.aar, out.from_domain)
+        ):
+            out.dmarc_override = arc.domain
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -420,6 +497,7 @@ class MailAuthScanner:
         if cv == dkim.CV_Pass:
             out.result = "pass"
             out.oldest_pass = _oldest_pass(data, newest)
+            out.aar = _newest_aar(arc, newest)
         elif cv is None:  # an ARC-Seal says cv=fail: the chain was broken before us
             out.reason = "the chain had already failed (cv=fail)"
         elif cv == dkim.CV_None:  # ARC fields, but none with a usable instance tag
@@ -513,7 +591,9 @@ class MailAuthScanner:
             add("DMARC_PASS", out.from_domain)
         elif out.dmarc == "fail":
             add("DMARC_FAILED", f"{out.from_domain} p={out.dmarc_policy}")
-            if self.settings.dmarc_enforce and out.dmarc_policy == "reject":
+            if out.dmarc_override:  # a trusted sealer vouches: the policy is not applied
+                add("DMARC_ARC_OVERRIDE", f"p={out.dmarc_policy} sealed by {out.dmarc_override}")
+            elif self.settings.dmarc_enforce and out.dmarc_policy == "reject":
                 add("DMARC_POLICY_REJECT", f"DMARC policy of {out.from_domain}")
             elif self.settings.dmarc_enforce and out.dmarc_policy == "quarantine":
                 add("DMARC_POLICY_QUARANTINE", f"DMARC policy of {out.from_domain}")
@@ -555,6 +635,10 @@ class MailAuthScanner:
             dmarc_kw["header_from"] = out.from_domain
         if out.dmarc_policy:
             dmarc_kw["policy"] = out.dmarc_policy
+        if out.dmarc_override:  # RFC 7489 6.7 local policy override, said where it survives
+            dmarc_kw["reason"] = _reason(
+                f"policy overridden: trusted ARC sealer {out.dmarc_override}"
+            )
         results.append(authres.dmarc.DMARCAuthenticationResult(**dmarc_kw))
         if self.settings.arc:
             results.append(self._arc_result(out))
@@ -580,6 +664,15 @@ class MailAuthScanner:
         if ip and arc.result != "none":
             kw["smtp_remote_ip"] = ip
         return authres.arc.ARCAuthenticationResult(**kw)
+
+
+def _newest_aar(arc: dkim.ARC, newest: int) -> str:
+    """The ARC-Authentication-Results value of instance ``newest`` (relaxed: unfolded)."""
+    _, sets = arc.sorted_arc_headers()
+    for instance, (name, value) in sets:
+        if instance == newest and name.lower() == b"arc-authentication-results":
+            return _text(value).strip()
+    return ""
 
 
 def _oldest_pass(data: Sequence[Any], newest: int) -> int:

@@ -37,6 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mailwarden.core.durations import Duration
 
 _SYMBOL_NAME = re.compile(r"^[A-Z0-9_]{1,64}$")
+_DKIM_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$"
+)
+_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ScanAction(StrEnum):
@@ -159,6 +163,27 @@ class MailAuthSettings(_Section):
     # Validate ARC chains (RFC 8617): ARC_PASS / ARC_FAILED / ARC_NA / ARC_TEMPERROR and
     # an arc= clause in Authentication-Results. Scored only, never a forced action.
     arc: bool = True
+    # Sealers whose valid chain (arc=pass, newest ARC-Seal d= listed) excuses a DMARC
+    # failure when their own ARC-Authentication-Results vouch for the From domain:
+    # DMARC_ARC_OVERRIDE instead of DMARC_POLICY_REJECT / _QUARANTINE (RFC 8617 7.2.1).
+    arc_trusted_sealers: list[str] = Field(default_factory=list)
+
+    @field_validator("arc_trusted_sealers")
+    @classmethod
+    def _sealers(cls, values: list[str]) -> list[str]:
+        out = []
+        for v in values:
+            v = v.strip().lower().rstrip(".")
+            if not _DKIM_DOMAIN.match(v):
+                raise ValueError(f"not a domain name: {v!r}")
+            out.append(v)
+        return out
+
+    @model_validator(mode="after")
+    def _arc_needs(self) -> MailAuthSettings:
+        if self.arc_trusted_sealers and not self.arc:
+            raise ValueError("arc_trusted_sealers needs arc = true (chains must be validated)")
+        return self
 
 
 def _default_forced() -> dict[str, ScanAction]:
@@ -206,12 +231,6 @@ class ScanSettings(_Section):
         if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 64:
             raise ValueError("subject_tag must be one short line without control characters")
         return value
-
-
-_DKIM_DOMAIN = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$"
-)
-_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def _default_signed_headers() -> list[str]:
