@@ -13,8 +13,11 @@ and before the message is queued, so retries send the same signed bytes.
 ``generate_key(domain, selector, root, bits, force)`` writes a new key (``cryptography``)
 and returns its path and the DNS TXT record to publish (``dns_record``).
 
-Public names: ``DkimSigner``, ``generate_key``, ``dns_record``, ``key_path``,
-``KeyExists``, ``MIN_KEY_BITS``, ``MAX_KEY_BITS``.
+``KeyStore(root, report)`` reads those keys (checked 0600, cached until the file changes);
+the ARC sealer (``scan.arcseal``) uses it too.
+
+Public names: ``DkimSigner``, ``KeyStore``, ``generate_key``, ``dns_record``, ``key_path``,
+``KeyExists``, ``MIN_KEY_BITS``, ``MAX_KEY_BITS``, ``present_fields``.
 Security: the message is client data (its From domain chooses the key: only the
 configured, enabled domains with a key on disk are signed, and the policy stage already
 checked that the client may send for that domain); private keys are created 0600 in a
@@ -27,6 +30,7 @@ import asyncio
 import base64
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import dkim
@@ -101,14 +105,55 @@ def generate_key(
     return path, dns_record(path.parent.name, selector, pem)
 
 
+class KeyStore:
+    """The private keys under ``root`` (``root/<domain>/<selector>.key``), read on first
+    use and again when the file changes; a key readable by others is refused and
+    reported through ``report(domain, reason)``."""
+
+    def __init__(self, root: Path, report: Callable[[str, str], None]) -> None:
+        self.root = root
+        self._report = report
+        self._keys: dict[tuple[str, str], tuple[float, bytes]] = {}  # -> (mtime, PEM)
+
+    def get(self, domain: str, selector: str) -> bytes | None:
+        """The PEM of the key, or ``None`` (no such file, unreadable, too open)."""
+        try:
+            path = key_path(self.root, domain, selector)
+            st = path.stat()
+        except (OSError, ValueError):
+            return None
+        cached = self._keys.get((domain, selector))
+        if cached is not None and cached[0] == st.st_mtime:
+            return cached[1]
+        if st.st_mode & 0o077:
+            self._report(domain, f"key {path} is readable by others (chmod 600)")
+            return None
+        try:
+            pem = path.read_bytes()
+        except OSError:
+            return None
+        self._keys[(domain, selector)] = (st.st_mtime, pem)
+        return pem
+
+
+def present_fields(message: bytes, wanted: Sequence[bytes]) -> list[bytes]:
+    """The names of ``wanted`` (lower case) that occur in the header of ``message``:
+    signing an absent field would forbid adding it later."""
+    present = {
+        m.group(1).lower()
+        for m in re.finditer(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", message[: _end(message)], re.M)
+    }
+    return [h for h in wanted if h in present]
+
+
 class DkimSigner:
     """Signs outbound messages with the key of their From domain."""
 
     def __init__(self, settings: DkimSettings, key_root: Path) -> None:
         self.settings = settings
         self.root = key_root
-        self._keys: dict[str, tuple[float, bytes]] = {}  # domain -> (mtime, PEM)
         self._reported: set[tuple[str, str]] = set()
+        self._store = KeyStore(key_root, self._unsigned)
         self._headers = [h.encode("ascii") for h in settings.headers]
 
     def _unsigned(self, domain: str, reason: str) -> None:
@@ -117,23 +162,7 @@ class DkimSigner:
             emit("dkim.unsigned", domain=domain, reason=reason)
 
     def _key(self, domain: str, selector: str) -> bytes | None:
-        try:
-            path = key_path(self.root, domain, selector)
-            st = path.stat()
-        except (OSError, ValueError):
-            return None
-        cached = self._keys.get(domain)
-        if cached is not None and cached[0] == st.st_mtime:
-            return cached[1]
-        if st.st_mode & 0o077:
-            self._unsigned(domain, f"key {path} is readable by others (chmod 600)")
-            return None
-        try:
-            pem = path.read_bytes()
-        except OSError:
-            return None
-        self._keys[domain] = (st.st_mtime, pem)
-        return pem
+        return self._store.get(domain, selector)
 
     def _prepare(self, message: bytes) -> tuple[str, str, bytes] | None:
         if not self.settings.sign:
@@ -154,13 +183,7 @@ class DkimSigner:
         return domain, selector, pem
 
     def _sign(self, message: bytes, domain: str, selector: str, pem: bytes) -> bytes | None:
-        present = {
-            m.group(1).lower()
-            for m in re.finditer(
-                rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", message[: _end(message)], re.M
-            )
-        }
-        include = [h for h in self._headers if h in present]
+        include = present_fields(message, self._headers)
         try:
             sig: bytes = dkim.sign(
                 message,

@@ -72,7 +72,12 @@ def scanner_labels(settings: ScanSettings) -> list[str]:
     if settings.builtin.enabled:
         labels.append("built-in (EICAR/GTUBE, attachments, archives, MIME)")
     if settings.mailauth.enabled:
-        labels.append("mail authentication (SPF, DKIM, DMARC, ARC)")
+        label = "mail authentication (SPF, DKIM, DMARC, ARC"
+        if settings.mailauth.arc_trusted_sealers:
+            label += "; trusted ARC sealers " + ", ".join(settings.mailauth.arc_trusted_sealers)
+        if settings.mailauth.arc_seal:
+            label += f"; ARC sealing as {settings.mailauth.arc_seal_domain}"
+        labels.append(label + ")")
     return labels
 
 

@@ -167,6 +167,12 @@ class MailAuthSettings(_Section):
     # failure when their own ARC-Authentication-Results vouch for the From domain:
     # DMARC_ARC_OVERRIDE instead of DMARC_POLICY_REJECT / _QUARANTINE (RFC 8617 7.2.1).
     arc_trusted_sealers: list[str] = Field(default_factory=list)
+    # Add our own ARC set (RFC 8617) to inbound mail that passed the verdict pipeline,
+    # signed as arc_seal_domain with the key of `mailwarden dkim keygen` for it
+    # (state_dir/dkim/<domain>/<selector>.key); "" selector = the [dkim] selector.
+    arc_seal: bool = False
+    arc_seal_domain: str = ""
+    arc_seal_selector: str = ""
 
     @field_validator("arc_trusted_sealers")
     @classmethod
@@ -179,10 +185,34 @@ class MailAuthSettings(_Section):
             out.append(v)
         return out
 
+    @field_validator("arc_seal_domain")
+    @classmethod
+    def _seal_domain(cls, value: str) -> str:
+        value = value.strip().lower().rstrip(".")
+        if value and not _DKIM_DOMAIN.match(value):
+            raise ValueError(f"not a domain name: {value!r}")
+        return value
+
+    @field_validator("arc_seal_selector")
+    @classmethod
+    def _seal_selector(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not _SELECTOR.match(value):
+            raise ValueError(f"not a DKIM selector (a DNS label): {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _arc_needs(self) -> MailAuthSettings:
         if self.arc_trusted_sealers and not self.arc:
             raise ValueError("arc_trusted_sealers needs arc = true (chains must be validated)")
+        if self.arc_seal:
+            if not (self.enabled and self.arc):
+                raise ValueError(
+                    "arc_seal needs enabled = true and arc = true: the seal carries our "
+                    "Authentication-Results and its cv= is our ARC result"
+                )
+            if not self.arc_seal_domain:
+                raise ValueError("arc_seal needs arc_seal_domain (the d= of our ARC sets)")
         return self
 
 

@@ -11,7 +11,9 @@ acts on the verdict:
   headers go in under our ``Received:`` (``Authentication-Results`` first when mail
   authentication ran), the subject is tagged when asked, an OUTBOUND message is
   DKIM-signed when its From domain has a key (``scan.dkimsign``, the signature on top),
-  and the message is queued; reply ``250 2.0.0``.
+  an INBOUND message gets our ARC set when sealing is on (``scan.arcseal``, on top: after
+  every other edit, so what is queued and retried is what was sealed), and the message
+  is queued; reply ``250 2.0.0``.
 - QUARANTINE: the message as received (no scan headers) goes to the quarantine, never to
   the queue; reply ``250 2.7.0`` naming the queue id (and the virus, when it is one).
 - REJECT: ``554 5.7.1``, nothing stored (the client bounces: no backscatter from us).
@@ -47,6 +49,7 @@ from mailwarden.scan.verdict import Verdict, VerdictEngine, render_headers
 
 if TYPE_CHECKING:
     from mailwarden.quarantine.store import Quarantine
+    from mailwarden.scan.arcseal import ArcSealer
     from mailwarden.scan.dkimsign import DkimSigner
     from mailwarden.smtp.server import MessageSink
 
@@ -153,11 +156,13 @@ class ContentFilter:
         quarantine: Quarantine | None,
         hostname: str,
         signer: DkimSigner | None = None,
+        sealer: ArcSealer | None = None,
     ) -> None:
         self.engine = engine
         self.quarantine = quarantine
         self.hostname = hostname
         self.signer = signer
+        self.sealer = sealer
         self.timeout = engine.settings.timeout + PIPELINE_GRACE
 
     async def close(self) -> None:
@@ -200,6 +205,10 @@ class ContentFilter:
                 signature = await self.signer.signature(out)
                 if signature is not None:
                     out = signature + out
+            if self.sealer is not None and snap.direction is Direction.INBOUND:
+                arc_set = await self.sealer.seal(out, verdict.symbol_names, qid)
+                if arc_set is not None:  # None: unsealed, the event says why
+                    out = arc_set + out
             queued = dataclasses.replace(snap, size=len(out))
             await sink.enqueue(queued, out)
             return Outcome(250, "2.0.0", f"Ok: queued as {qid}", True, queued, verdict)
