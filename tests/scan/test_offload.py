@@ -1,5 +1,7 @@
 """Large messages are scanned in a process pool: the SMTP edge keeps serving other sessions,
-and a pool worker that dies or overruns its time fails closed (451, nothing queued).
+a pool that breaks under a scan costs the scans that did not break it nothing (each is
+retried once, alone), and a scan that breaks a pool again or overruns its time fails closed
+(451, nothing queued).
 
 The event-loop test runs a real ``SmtpServer`` (tests/smtp/harness.py) with the real
 built-in scanner behind the content hook, wrapped only to tell the test when the scan of
@@ -7,8 +9,12 @@ the 30 MB message has begun and ended. A second session must get its greeting an
 after that scan began and before it ended, and before the first session's final reply:
 ordering, not wall-clock time.
 
-The crash and timeout tests kill real pool worker processes (SIGKILL; the timeout path
-kills them itself) and check the verdict, the reply and that nothing was queued.
+The crash and timeout tests kill real pool worker processes: from outside (SIGKILL, as the
+OOM killer would, while the scans are in the pool), from inside (``tests.scan.faults``: a
+scan function that kills its own worker, one that hangs, one that waits for the test to
+release it so it is surely still in the pool when a pool-mate breaks it), or by the
+timeout path itself. They check the verdicts, the replies, what was queued and the
+``scan.pool_restart`` events. No mock of the pool: real ``spawn`` processes throughout.
 """
 
 from __future__ import annotations
@@ -19,16 +25,20 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mailwarden.core import events as ev
 from mailwarden.core.types import Direction, EnvelopeSnapshot, Symbol
 from mailwarden.scan import BuiltinScanner, ScanInput, ScanSettings, VerdictEngine
-from mailwarden.scan.builtin import OFFLOAD_MIN
+from mailwarden.scan.builtin import OFFLOAD_MIN, scan_message
+from mailwarden.scan.offload import PoolError, ScanPool
 from mailwarden.scan.settings import BuiltinSettings
 from mailwarden.smtp.content import ContentFilter, Outcome
-from tests.scan.messages import RCPT, SENDER, eicar
+from tests.scan import faults
+from tests.scan.messages import RCPT, SENDER, eicar, gtube
 from tests.smtp.harness import RawClient, Running, make_config
 
 BIG = 30 * 1024 * 1024
@@ -136,13 +146,29 @@ async def _process(flt: ContentFilter, msg: bytes) -> tuple[Outcome, ListSink]:
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):  # reaped, maybe between the two calls
         return True
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _restarts(events: ev.MemorySink) -> list[tuple[str, str, int]]:
+    return [
+        (e.fields["pool"], e.fields["reason"], e.fields["in_flight"])
+        for e in events.events
+        if e.name == "scan.pool_restart"
+    ]
+
+
+async def _until(cond: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.asyncio
-async def test_killed_pool_worker_fails_closed_then_a_new_pool_scans() -> None:
+async def test_killed_idle_worker_costs_the_next_message_nothing(events: ev.MemorySink) -> None:
     scanner = BuiltinScanner(pool_workers=1)
     flt = ContentFilter(VerdictEngine([scanner], ScanSettings()), None, "mx.test.example")
     msg = big_message(2 * OFFLOAD_MIN, extra=b"--BOUND\r\nContent-Type: text/plain\r\n\r\n")
@@ -150,19 +176,174 @@ async def test_killed_pool_worker_fails_closed_then_a_new_pool_scans() -> None:
         outcome, sink = await _process(flt, msg)
         assert outcome.code == 250 and len(sink.queued) == 1
         [pid] = scanner.pool.pids()
-        os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+        os.kill(pid, signal.SIGKILL)  # as the OOM killer would, between two messages
 
+        # The next message meets the broken pool: it was not the cause, so it is retried.
         outcome, sink = await _process(flt, msg)
+        assert outcome.code == 250 and len(sink.queued) == 1, outcome
+        assert [r[:2] for r in _restarts(events)] == [("scan", "worker_died")]
+        assert scanner.pool.retry_pids() == []  # the retry pool is gone once idle
+
+        outcome, sink = await _process(flt, msg)  # a fresh pool takes over
+        assert outcome.code == 250 and len(sink.queued) == 1
+        assert scanner.pool.pids() not in ([], [pid])
+        assert len(_restarts(events)) == 1
+    finally:
+        await flt.close()
+
+
+@pytest.mark.asyncio
+async def test_worker_killed_under_two_large_messages_both_get_their_verdicts(
+    events: ev.MemorySink,
+) -> None:
+    scanner = BuiltinScanner(pool_workers=2)
+    flt = ContentFilter(VerdictEngine([scanner], ScanSettings()), None, "mx.test.example")
+    clean = big_message(BIG)
+    spam = big_message(BIG, extra=gtube() + b"\r\n")
+    try:
+        a = asyncio.create_task(_process(flt, clean))
+        b = asyncio.create_task(_process(flt, spam))
+        await _until(lambda: scanner.pool.in_flight == 2, "both scans in the pool")
+        os.kill(scanner.pool.pids()[0], signal.SIGKILL)  # mid-scan: the pool breaks under both
+
+        (out_a, sink_a), (out_b, sink_b) = await asyncio.gather(a, b)
+        assert out_a.code == 250 and len(sink_a.queued) == 1, out_a
+        assert (out_b.code, out_b.enhanced) == (554, "5.7.1"), out_b
+        assert out_b.verdict is not None and out_b.verdict.symbol_names == ["GTUBE"]
+        assert sink_b.queued == []
+        assert _restarts(events) == [("scan", "worker_died", 2)]  # one restart, not two
+    finally:
+        await flt.close()
+
+
+@pytest.mark.asyncio
+async def test_large_message_whose_retry_dies_too_fails_closed_then_a_new_pool_scans(
+    events: ev.MemorySink,
+) -> None:
+    scanner = BuiltinScanner(pool_workers=1)
+    flt = ContentFilter(VerdictEngine([scanner], ScanSettings()), None, "mx.test.example")
+    msg = big_message(BIG)
+    try:
+        task = asyncio.create_task(_process(flt, msg))
+        await _until(lambda: scanner.pool.in_flight == 1, "the scan in the pool")
+        os.kill(scanner.pool.pids()[0], signal.SIGKILL)
+        await _until(scanner.pool.retry_pids, "the retry pool's worker")
+        os.kill(scanner.pool.retry_pids()[0], signal.SIGKILL)
+
+        outcome, sink = await task
         assert (outcome.code, outcome.enhanced) == (451, "4.7.1"), outcome
         assert outcome.verdict is not None and outcome.verdict.symbol_names == ["BUILTIN_FAIL"]
         assert "worker process died" in outcome.verdict.symbols[0].detail
         assert sink.queued == []  # never delivered unscanned
+        assert _restarts(events) == [("scan", "worker_died", 1), ("retry", "worker_died", 1)]
 
-        outcome, sink = await _process(flt, msg)  # a fresh pool takes over
+        outcome, sink = await _process(flt, big_message(2 * OFFLOAD_MIN))
         assert outcome.code == 250 and len(sink.queued) == 1
-        assert scanner.pool.pids() != [pid]
     finally:
         await flt.close()
+
+
+@pytest.mark.asyncio
+async def test_pool_mates_of_a_scan_that_kills_its_worker_get_their_real_verdicts(
+    tmp_path: Path, events: ev.MemorySink
+) -> None:
+    pool = ScanPool(workers=2)
+    gate = str(tmp_path / "gate")
+    clean = big_message(2 * OFFLOAD_MIN)
+    virus = big_message(2 * OFFLOAD_MIN, extra=eicar() + b"\r\n")
+    try:
+        # Submitted in this order: the first innocent and the culprit take the two workers,
+        # the second innocent waits in the pool's queue.
+        running = asyncio.create_task(pool.run(faults.scan_when_released, gate, virus, ()))
+        culprit = asyncio.create_task(pool.run(faults.kill_own_worker, clean, ()))
+        queued = asyncio.create_task(pool.run(faults.scan_when_released, gate, clean, ()))
+        await _until(lambda: _restarts(events), "the pool to break")
+        assert _restarts(events) == [("scan", "worker_died", 3)]
+        Path(gate).touch()
+
+        results = await asyncio.gather(running, culprit, queued, return_exceptions=True)
+        assert results[0] == scan_message(virus, ())
+        assert [s.name for s in results[0]] == ["BUILTIN_VIRUS"]  # type: ignore[union-attr]
+        assert results[2] == scan_message(clean, ()) == []
+        assert isinstance(results[1], PoolError), results[1]  # it broke its retry pool too
+        assert _restarts(events) == [("scan", "worker_died", 3), ("retry", "worker_died", 1)]
+
+        assert pool.retry_pids() == []
+        assert await pool.run(scan_message, virus, ()) == results[0]  # the pool works again
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.asyncio
+async def test_scan_that_kills_its_worker_twice_fails_closed_and_the_pool_scans_again(
+    events: ev.MemorySink,
+) -> None:
+    pool = ScanPool(workers=1)
+    msg = big_message(2 * OFFLOAD_MIN, extra=eicar() + b"\r\n")
+    try:
+        with pytest.raises(PoolError, match="also on its retry"):
+            await pool.run(faults.kill_own_worker, msg, ())
+        assert _restarts(events) == [("scan", "worker_died", 1), ("retry", "worker_died", 1)]
+        assert pool.pids() == [] and pool.retry_pids() == []
+
+        assert await pool.run(scan_message, msg, ()) == scan_message(msg, ())
+        assert len(pool.pids()) == 1
+        assert len(_restarts(events)) == 2
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.asyncio
+async def test_cancelled_scan_is_killed_and_its_pool_mates_are_retried(
+    tmp_path: Path, events: ev.MemorySink
+) -> None:
+    pool = ScanPool(workers=2)
+    started, gate = tmp_path / "started", str(tmp_path / "gate")
+    msg = big_message(2 * OFFLOAD_MIN, extra=eicar() + b"\r\n")
+    try:
+        hung = asyncio.create_task(pool.run(faults.hang_until_killed, str(started), msg, ()))
+        mate = asyncio.create_task(pool.run(faults.scan_when_released, gate, msg, ()))
+        # Both workers are taken; the executor's call queue holds three of these, the
+        # fourth is still pending in the pool when the hung scan's pool is killed.
+        queued = [asyncio.create_task(pool.run(scan_message, msg, ())) for _ in range(4)]
+        await _until(started.exists, "the hung scan to start")
+        assert pool.in_flight == 6
+        hung.cancel()  # what the verdict engine's timeout does
+        with pytest.raises(asyncio.CancelledError):
+            await hung
+        killed = pool.killed
+        assert len(killed) == 2  # the whole pool: a runaway scan does not go on
+        await _until(lambda: all(_gone(p) for p in killed), "the killed workers to exit")
+        assert _restarts(events) == [("scan", "timeout", 6)]
+
+        Path(gate).touch()
+        expected = scan_message(msg, ())
+        assert await mate == expected  # retried, not failed
+        assert await asyncio.gather(*queued) == [expected] * 4
+        assert len(_restarts(events)) == 1
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.asyncio
+async def test_calls_still_queued_when_the_pool_closes_fail_closed(tmp_path: Path) -> None:
+    pool = ScanPool(workers=1)
+    gate = str(tmp_path / "gate")
+    msg = big_message(2 * OFFLOAD_MIN)
+    # One call in the worker, at most two in the executor's call queue: the fourth is
+    # still pending when the pool shuts down, and is cancelled by the shutdown.
+    calls = [asyncio.create_task(pool.run(faults.scan_when_released, gate, msg, ()))]
+    await _until(pool.pids, "the worker")
+    calls += [asyncio.create_task(pool.run(scan_message, msg, ())) for _ in range(3)]
+    await _until(lambda: pool.in_flight == 4, "all four calls in the pool")
+    closing = asyncio.create_task(pool.aclose())
+    await _until(lambda: calls[3].done(), "the pending call to end")
+    Path(gate).touch()
+    await closing
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == []
+    assert isinstance(results[3], PoolError) and "shut down" in str(results[3])
+    assert all(r == [] or isinstance(r, PoolError) for r in results[1:3]), results
 
 
 @pytest.mark.asyncio

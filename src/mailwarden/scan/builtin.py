@@ -22,8 +22,10 @@ Cost: a message that byte checks show to be one text part without attachments
 checks the parser's part would get. Messages up to ``INLINE_MAX`` are scanned on the event
 loop, up to ``OFFLOAD_MIN`` in a thread, larger ones in a process pool (``scan.offload``,
 started on first use, ``POOL_WORKERS`` processes), so a 30 MB message never stalls the
-other sessions. A pool worker that dies or is killed (timeout) is ``BUILTIN_FAIL``: the
-message is tempfailed, never delivered unscanned.
+other sessions. A message whose pool broke under it (a worker died, or was killed because
+another scan overran its time) is scanned again, once, alone; one that breaks the pool on
+that retry too, or overruns its own time, is ``BUILTIN_FAIL``: the message is tempfailed,
+never delivered unscanned.
 
 Public names: ``BuiltinScanner``, ``scan_message``, ``DANGEROUS_EXTENSIONS``,
 ``INLINE_MAX``, ``OFFLOAD_MIN``.
