@@ -41,6 +41,7 @@ from mailwarden.policy.engine import Policy
 from mailwarden.quarantine.store import Quarantine
 from mailwarden.queue.scheduler import Scheduler
 from mailwarden.queue.spool import Spool
+from mailwarden.scan.arcseal import ArcSealer
 from mailwarden.scan.dkimsign import DkimSigner
 from mailwarden.scan.factory import build_engine, scanner_labels, scanning_notice
 from mailwarden.smtp.content import ContentFilter
@@ -128,7 +129,12 @@ async def _serve_worker(
     quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
     engine = build_engine(cfg.scan, cfg.dns, cfg.gateway.hostname)
     signer = DkimSigner(cfg.dkim, cfg.dkim_path) if cfg.dkim.sign else None
-    content = ContentFilter(engine, quarantine, cfg.gateway.hostname, signer)
+    sealer = (
+        ArcSealer(cfg.scan.mailauth, cfg.dkim, cfg.dkim_path, cfg.gateway.hostname)
+        if cfg.scan.mailauth.arc_seal
+        else None
+    )
+    content = ContentFilter(engine, quarantine, cfg.gateway.hostname, signer, sealer)
     # SMTP AUTH (SU-8) for the submission listeners; one service (and counters) per worker.
     # While the database is unreachable the AUTH backend opens it at a later AUTH instead.
     connect = not policy.state.unavailable
