@@ -9,7 +9,12 @@ restarts a worker that dies and forwards SIGTERM/SIGINT; a worker that gets SIGT
 A database server that cannot be reached at start (``StoreUnavailable``) does not stop the
 gateway: the banner says so, and each worker starts degraded (``policy.state``: checks that
 need the database tempfail) and retries in the background. An unusable database (bad URL,
-unwritable SQLite path, newer schema) still stops it with the reason.
+unwritable SQLite path, newer schema) still stops it with the reason. The first open of a
+PostgreSQL database runs in a child process (``store.reach.first_contact``) that gets
+``[database] start_wait`` seconds to answer: a server that drops packets does not hold the
+listeners back for the connect timeout. Past the wait the banner says NOT ANSWERING, the
+workers listen at once (degraded) and keep connecting in the background; a worker the
+supervisor restarts waits ``start_wait`` for its own first open likewise.
 
 Public names: ``run_gateway``, ``describe``, ``bind_listeners``.
 Security: binds only the addresses the configuration names (SU-9); everything received
@@ -36,7 +41,7 @@ from mailwarden.config import Config, ListenerConfig
 from mailwarden.core.events import EventSink, JsonLinesSink, StreamSink, TeeSink, emit, set_sink
 from mailwarden.core.events import flush as flush_events
 from mailwarden.delivery.router import Router
-from mailwarden.errors import StoreUnavailable
+from mailwarden.errors import StoreError
 from mailwarden.policy.engine import Policy
 from mailwarden.quarantine.store import Quarantine
 from mailwarden.queue.scheduler import Scheduler
@@ -48,6 +53,8 @@ from mailwarden.smtp.content import ContentFilter
 from mailwarden.smtp.server import SmtpServer
 from mailwarden.smtp.tls import ensure_certificate, server_context
 from mailwarden.store import open_store
+from mailwarden.store.db import store_label
+from mailwarden.store.reach import Answer, first_contact
 
 LISTEN_BACKLOG = 1024  # pending connections per listener before the kernel refuses
 WORKER_RESTART_DELAY = 1.0  # seconds before a crashed worker is started again
@@ -112,7 +119,10 @@ def describe(cfg: Config) -> str:
 
 
 async def _serve_worker(
-    cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int
+    cfg: Config,
+    bound: list[tuple[ListenerConfig, socket.socket]],
+    index: int,
+    db_wait: float | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -123,7 +133,7 @@ async def _serve_worker(
     router = Router(cfg)
     scheduler = Scheduler(cfg, spool, router)
     policy = Policy(cfg)
-    await policy.start()  # data store: registered senders, blocks, users
+    await policy.start(wait=db_wait)  # data store: registered senders, blocks, users
     needs_tls = any(li.tls != "none" for li in cfg.listener)
     ctx = server_context(cfg) if needs_tls else None
     quarantine = Quarantine(cfg.quarantine_path, cfg.quarantine)
@@ -195,11 +205,16 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _worker_main(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
+def _worker_main(
+    cfg: Config,
+    bound: list[tuple[ListenerConfig, socket.socket]],
+    index: int,
+    db_wait: float | None,
+) -> int:
     set_sink(make_sink(cfg))
     _tune_gc()
     try:
-        _run_loop(lambda: _serve_worker(cfg, bound, index))
+        _run_loop(lambda: _serve_worker(cfg, bound, index, db_wait))
     finally:
         flush_events()
     return 0
@@ -220,7 +235,12 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], index: int) -> int:
+def _fork_worker(
+    cfg: Config,
+    bound: list[tuple[ListenerConfig, socket.socket]],
+    index: int,
+    db_wait: float | None,
+) -> int:
     pid = os.fork()
     if pid == 0:  # child
         code = 1
@@ -228,7 +248,7 @@ def _fork_worker(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]],
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
-            code = _worker_main(cfg, bound, index)
+            code = _worker_main(cfg, bound, index, db_wait)
         except BaseException as exc:
             print(f"mailwarden worker {index}: {exc!r}", file=sys.stderr)
         finally:
@@ -248,13 +268,21 @@ def _raise_stop(signum: int, _frame: object) -> None:
     raise _StopRequested(signum)
 
 
-def _supervise(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]]) -> int:
+def _restart_wait(cfg: Config) -> float | None:
+    """How long a restarted worker waits for its first open of the database: a server's
+    answer for ``[database] start_wait`` seconds; the SQLite file until it is open."""
+    return cfg.database.start_wait if cfg.database.is_server else None
+
+
+def _supervise(
+    cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]], db_wait: float | None
+) -> int:
     workers: dict[int, int] = {}
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         for i in range(cfg.gateway.workers):
-            workers[_fork_worker(cfg, bound, i)] = i
+            workers[_fork_worker(cfg, bound, i, db_wait)] = i
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -265,7 +293,7 @@ def _supervise(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]]) -
                 continue
             emit("gateway.worker_died", worker=index, pid=pid, status=status)
             time.sleep(WORKER_RESTART_DELAY)
-            workers[_fork_worker(cfg, bound, index)] = index
+            workers[_fork_worker(cfg, bound, index, _restart_wait(cfg))] = index
     except _StopRequested:
         pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -289,34 +317,55 @@ def _supervise(cfg: Config, bound: list[tuple[ListenerConfig, socket.socket]]) -
     return 0
 
 
-def prepare(cfg: Config) -> list[str]:
-    """Create the state directories and the TLS certificate; return notes for the banner."""
-    notes = []
+DEGRADED_WARNING = (
+    "  WARNING    starting without the database: relaying by registered servers, "
+    "AUTH and database lookups answer 4xx until it is reachable (retried in the "
+    "background)"
+)
+
+
+def open_database(cfg: Config) -> tuple[list[str], float | None]:
+    """Create the schema once, before the workers start, and fail early on a database that
+    cannot be used at all (``StoreError``); never wait longer than ``[database]
+    start_wait`` for a server. Returns the banner lines and how long each worker waits for
+    its own first open (``None``: until it is done; 0: not at all, the server did not
+    answer, so the workers listen at once and connect in the background)."""
+    settings = cfg.database
+    if not settings.is_server:  # the SQLite file: local, no server to wait for
+        db = open_store(cfg)
+        db.close()
+        return [f"  database   {db.label}"], None
+    contact = first_contact(cfg, settings.start_wait)
+    if contact.answer is Answer.ERROR:
+        raise StoreError(contact.text)
+    if contact.answer is Answer.OK:
+        return [f"  database   {contact.text}"], None
+    if contact.answer is Answer.UNAVAILABLE:  # down for now: start degraded, workers retry
+        return [f"  database   UNAVAILABLE: {contact.text}", DEGRADED_WARNING], None
+    line = (
+        f"  database   NOT ANSWERING: {store_label(cfg)}: {contact.text}; still connecting "
+        "in the background"
+    )
+    return [line, DEGRADED_WARNING], 0.0
+
+
+def prepare(cfg: Config) -> tuple[list[str], float | None]:
+    """Create the state directories, the schema and the TLS certificate; return notes for
+    the banner and the workers' wait for the database (``open_database``)."""
     for path in (cfg.state_path, cfg.spool_path, cfg.mail_path, cfg.events_path.parent):
         path.mkdir(parents=True, exist_ok=True)
-    try:
-        db = open_store(cfg)  # create the schema once, before workers start; fail early
-    except StoreUnavailable as exc:  # down for now: start degraded, workers retry
-        notes.append(f"  database   UNAVAILABLE: {exc}")
-        notes.append(
-            "  WARNING    starting without the database: relaying by registered servers, "
-            "AUTH and database lookups answer 4xx until it is reachable (retried in the "
-            "background)"
-        )
-    else:
-        notes.append(f"  database   {db.label}")
-        db.close()
+    notes, db_wait = open_database(cfg)
     if any(li.tls != "none" for li in cfg.listener):
         if ensure_certificate(cfg.cert_path, cfg.key_path, cfg.gateway.hostname):
             notes.append(f"  tls        generated a self-signed certificate: {cfg.cert_path}")
         else:
             notes.append(f"  tls        certificate {cfg.cert_path}")
-    return notes
+    return notes, db_wait
 
 
 def run_gateway(cfg: Config, *, banner: bool = True) -> int:
     """Start the gateway in the foreground; return the exit code when it stops."""
-    notes = prepare(cfg)
+    notes, db_wait = prepare(cfg)
     bound = bind_listeners(cfg)
     set_sink(make_sink(cfg))
     Spool.adopt_orphans(cfg.spool_path, cfg.gateway.workers)
@@ -332,5 +381,5 @@ def run_gateway(cfg: Config, *, banner: bool = True) -> int:
             print(note)
         print("  ready      (Ctrl-C or SIGTERM stops; 421 is sent to open sessions)", flush=True)
     if cfg.gateway.workers == 1:
-        return _worker_main(cfg, bound, 0)
-    return _supervise(cfg, bound)
+        return _worker_main(cfg, bound, 0, db_wait)
+    return _supervise(cfg, bound, db_wait)

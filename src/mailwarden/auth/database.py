@@ -11,7 +11,8 @@ Built without a store (``store=None``, the server was unreachable when the worke
 it answers ``TEMPFAIL`` and opens the store with ``opener`` on a later attempt: one
 open at a time (concurrent AUTHs wait for it), after ``RETRY_FIRST`` seconds, then twice
 as long after each failure up to ``RETRY_MAX`` (a flood of AUTH commands is not a flood
-of connection attempts).
+of connection attempts). The open runs on a detached thread (``store.reach``): a worker
+that stops never waits for a connect to a server that does not answer.
 
 Public names: ``DatabaseAuthenticator``, ``HASH_THREADS``.
 Security: the password goes only to argon2; database errors are reported by type only.
@@ -35,6 +36,7 @@ from mailwarden.errors import StoreError
 from mailwarden.policy.state import RETRY_FIRST, RETRY_MAX
 from mailwarden.store import users as user_table
 from mailwarden.store.db import Store
+from mailwarden.store.reach import run_detached
 
 HASH_THREADS = 2  # argon2 verifications at once per process (memory_cost KiB each)
 T = TypeVar("T")
@@ -76,7 +78,7 @@ class DatabaseAuthenticator:
 
     async def _open_now(self, opener: Callable[[], Store]) -> Store | None:
         try:
-            store = await asyncio.to_thread(opener)
+            store = await run_detached(opener, Store.close)  # a stopping loop does not wait
         except (SQLAlchemyError, StoreError, OSError) as exc:
             self._next_open = time.monotonic() + self._delay
             self._delay = min(self._delay * 2, RETRY_MAX)

@@ -17,10 +17,10 @@ import sys
 import time
 from typing import Any
 
+from mailwarden.cli.dbaccess import cli_store
 from mailwarden.cli.main import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, add_config_option
 from mailwarden.config import load_config
 from mailwarden.errors import StoreError
-from mailwarden.store import open_store
 from mailwarden.store.blocks import canonical_ip, list_blocks, remove_block
 
 
@@ -44,11 +44,8 @@ def register(sub: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    db = open_store(load_config(args.config))
-    try:
+    with cli_store(load_config(args.config)) as db:
         blocks = list_blocks(db, include_expired=args.all)
-    finally:
-        db.close()
     if args.json:
         for b in blocks:
             print(json.dumps(b.to_json()))
@@ -69,11 +66,8 @@ def _remove(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"mailwarden blocks remove: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    db = open_store(load_config(args.config))
-    try:
+    with cli_store(load_config(args.config)) as db:
         removed = remove_block(db, addr)
-    finally:
-        db.close()
     if not removed:
         print(f"{addr} is not blocked", file=sys.stderr)
         return EXIT_NOT_FOUND

@@ -21,12 +21,12 @@ import sys
 import time
 from typing import Any
 
+from mailwarden.cli.dbaccess import cli_store
 from mailwarden.cli.main import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, add_config_option
 from mailwarden.config import Config, load_config
 from mailwarden.errors import StoreError
 from mailwarden.policy.clients import config_senders
 from mailwarden.policy.networks import campus_networks
-from mailwarden.store import open_store
 from mailwarden.store.senders import add_sender, list_senders, parse_network, remove_sender
 
 
@@ -76,21 +76,19 @@ def _who(args: argparse.Namespace) -> str:
 
 def _add(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    db = open_store(cfg)
-    try:
-        s = add_sender(
-            db,
-            args.address,
-            name=args.name,
-            domains=args.domain,
-            campus=campus_networks(cfg).networks,
-            added_by=_who(args),
-        )
-    except StoreError as exc:
-        print(f"mailwarden senders add: refused: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        db.close()
+    with cli_store(cfg) as db:
+        try:
+            s = add_sender(
+                db,
+                args.address,
+                name=args.name,
+                domains=args.domain,
+                campus=campus_networks(cfg).networks,
+                added_by=_who(args),
+            )
+        except StoreError as exc:
+            print(f"mailwarden senders add: refused: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json:
         print(json.dumps(s.to_json()))
     else:
@@ -99,11 +97,8 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _all(cfg: Config) -> list[Any]:
-    db = open_store(cfg)
-    try:
+    with cli_store(cfg) as db:
         return [*config_senders(cfg), *list_senders(db)]
-    finally:
-        db.close()
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -130,11 +125,8 @@ def _remove(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"mailwarden senders remove: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    db = open_store(cfg)
-    try:
+    with cli_store(cfg) as db:
         removed = remove_sender(db, str(net))
-    finally:
-        db.close()
     if not removed:
         if any(s.network == net for s in config_senders(cfg)):
             print(

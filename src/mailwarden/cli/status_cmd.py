@@ -5,8 +5,9 @@ built-in signatures (no clamd configured). With clamd configured it asks ``VERSI
 shows the signature database version, date and age, with an alert when it is older than
 ``signature_alert_age`` and a FAIL CLOSED line past ``max_signature_age`` (SU-5: every
 message is then tempfailed). rspamd is pinged. A PostgreSQL ``[database]`` is asked for
-``SELECT 1``: while it does not answer it is shown UNAVAILABLE (a running gateway then
-tempfails what needs it). Then the queue (per state) and the quarantine (held per kind).
+``SELECT 1``, bounded like every CLI command (``cli.dbaccess``): while it does not answer
+it is shown UNAVAILABLE with the driver's first line (a running gateway then tempfails
+what needs it). Then the queue (per state) and the quarantine (held per kind).
 ``--json`` prints one object.
 
 Exit codes: 0 scanning works and the database answers, 1 a configured scanner is down, its
@@ -25,6 +26,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from mailwarden.cli.dbaccess import probe
 from mailwarden.cli.main import EXIT_FAIL, EXIT_OK, add_config_option
 from mailwarden.config import Config, load_config
 from mailwarden.quarantine.store import Quarantine
@@ -32,7 +34,7 @@ from mailwarden.queue import manage
 from mailwarden.scan.clamav import ClamdError, ClamdScanner
 from mailwarden.scan.factory import scanner_labels, scanning_notice
 from mailwarden.scan.rspamd import RspamdScanner
-from mailwarden.store.db import DB_FILE, probe_store
+from mailwarden.store.db import store_label
 
 
 def register(sub: Any) -> None:
@@ -97,9 +99,9 @@ def collect(cfg: Config) -> dict[str, Any]:
         q = Quarantine(cfg.quarantine_path, cfg.quarantine)
         held = q.index.counts()
         q.close()
-    error = probe_store(cfg)
+    error = probe(cfg)
     database: dict[str, Any] = {
-        "url": cfg.database.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}",
+        "url": store_label(cfg),
         "ok": error is None,
     }
     if error is not None:

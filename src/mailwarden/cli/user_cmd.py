@@ -24,12 +24,12 @@ from typing import Any
 
 from mailwarden.auth.base import MAX_LOGIN, MAX_PASSWORD, escape_login, normalise_login
 from mailwarden.auth.passwords import Hasher
+from mailwarden.cli.dbaccess import cli_store
 from mailwarden.cli.main import EXIT_FAIL, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, add_config_option
 from mailwarden.config import Config, load_config
 from mailwarden.core.events import JsonLinesSink, emit, set_sink
 from mailwarden.errors import AddressError
 from mailwarden.smtp.address import parse_path
-from mailwarden.store import open_store
 from mailwarden.store import users as user_table
 
 MIN_PASSWORD = 8  # characters; shorter passwords are refused
@@ -151,14 +151,12 @@ def _add(args: argparse.Namespace) -> int:
     if password is None:
         return EXIT_USAGE
     hashed = Hasher(cfg.auth.argon2).hash(password)
-    store = open_store(cfg)
-    try:
-        user_table.add_user(store, login, hashed, addresses)
-    except user_table.UserExists:
-        _err(f"user {login!r} already exists (use 'mailwarden user passwd')")
-        return EXIT_FAIL
-    finally:
-        store.close()
+    with cli_store(cfg) as store:
+        try:
+            user_table.add_user(store, login, hashed, addresses)
+        except user_table.UserExists:
+            _err(f"user {login!r} already exists (use 'mailwarden user passwd')")
+            return EXIT_FAIL
     emit("user.add", user=login, addresses=addresses)
     print(f"user {login} added" + (f" ({', '.join(addresses)})" if addresses else ""))
     if cfg.auth.backend != "database":
@@ -171,8 +169,7 @@ def _passwd(args: argparse.Namespace) -> int:
     if login is None:
         return EXIT_USAGE
     cfg = _setup(args)
-    store = open_store(cfg)
-    try:
+    with cli_store(cfg) as store:
         if user_table.get_user(store, login) is None:
             _err(f"no such user: {login!r}")
             return EXIT_NOT_FOUND
@@ -182,8 +179,6 @@ def _passwd(args: argparse.Namespace) -> int:
         if not user_table.set_password_hash(store, login, Hasher(cfg.auth.argon2).hash(password)):
             _err(f"no such user: {login!r}")
             return EXIT_NOT_FOUND
-    finally:
-        store.close()
     emit("user.passwd", user=login)
     print(f"password of {login} changed")
     return EXIT_OK
@@ -194,11 +189,8 @@ def _toggle(args: argparse.Namespace) -> int:
     if login is None:
         return EXIT_USAGE
     cfg = _setup(args)
-    store = open_store(cfg)
-    try:
+    with cli_store(cfg) as store:
         found = user_table.set_disabled(store, login, args.disabled)
-    finally:
-        store.close()
     if not found:
         _err(f"no such user: {login!r}")
         return EXIT_NOT_FOUND
@@ -210,11 +202,8 @@ def _toggle(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    store = open_store(cfg)
-    try:
+    with cli_store(cfg) as store:
         rows = user_table.list_users(store)
-    finally:
-        store.close()
     if args.json:
         for row in rows:
             print(json.dumps(row.to_json(), ensure_ascii=False))

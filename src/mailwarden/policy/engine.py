@@ -78,9 +78,10 @@ class Policy:
         self.control_events = cfg.policy.decision_events == "notable"
         self._replies: dict[Decision, str] = {}
 
-    async def start(self) -> None:
-        """Connect the data store and load its caches (registered senders, blocks, users)."""
-        await self.state.start()
+    async def start(self, *, wait: float | None = None) -> None:
+        """Connect the data store and load its caches (registered senders, blocks, users);
+        ``wait``: at most that many seconds (``PolicyState.start``)."""
+        await self.state.start(wait=wait)
 
     async def close(self) -> None:
         await self.state.close()

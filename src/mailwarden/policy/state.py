@@ -25,6 +25,15 @@ state is the one a normal start gives. An outage (at start, or a failed refresh 
 one ``policy.store_unavailable`` event with the redacted error, its end one
 ``policy.store_recovered``.
 
+``start(wait=SECONDS)`` does not wait longer than that for the first open (a server that
+drops packets holds it for the whole connect timeout): past it the state starts
+``unavailable`` exactly as above (event with ``pending`` true) while that first attempt
+goes on in the background; its success is the recovery, its failure the first retry's
+cue. Once started that way, an error that would have stopped the start (an unknown
+database, say) is an outage that is retried too, each try a ``policy.config_error`` event
+with the reason. The store is opened on a detached thread (``store.reach.run_detached``):
+``close`` never waits for a connect in progress.
+
 Public names: ``PolicyState``, ``backoff``, ``RETRY_FIRST``, ``RETRY_MAX``.
 Security: loads operator data; a registered sender outside the campus networks (SU-3) is
 ignored with a ``policy.config_error`` event instead of being trusted.
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -42,7 +51,7 @@ from sqlalchemy.exc import OperationalError
 
 from mailwarden.core.controls import Control
 from mailwarden.core.events import emit
-from mailwarden.errors import StoreUnavailable
+from mailwarden.errors import StoreError, StoreUnavailable
 from mailwarden.policy.clients import Classifier, SenderRegistry, config_senders
 from mailwarden.policy.counters import CounterStore, make_counters
 from mailwarden.policy.harvest import BlockList, HarvestGuard
@@ -50,6 +59,8 @@ from mailwarden.policy.networks import campus_networks
 from mailwarden.policy.ratelimit import RateLimiter
 from mailwarden.policy.recipients import RecipientValidator
 from mailwarden.store.blocks import active_blocks, add_block
+from mailwarden.store.db import error_reason, open_store, store_label
+from mailwarden.store.reach import run_detached
 from mailwarden.store.schema import BLOCKS_SERIAL, SENDERS_SERIAL, USERS_SERIAL, meta
 from mailwarden.store.senders import RegisteredSender, list_senders
 from mailwarden.store.users import sender_login_map
@@ -95,16 +106,29 @@ class PolicyState:
         self.retry_max = RETRY_MAX
 
     # -- life cycle -----------------------------------------------------------------------
-    async def start(self, store: Store | None = None) -> None:
+    async def start(self, store: Store | None = None, *, wait: float | None = None) -> None:
         """Open the store (unless given) and load the caches; start the refresher.
 
         Raises ``StoreError`` for a database that cannot be used at all; one that cannot be
-        reached right now leaves the state ``unavailable`` and retrying in the background."""
+        reached right now leaves the state ``unavailable`` and retrying in the background.
+        ``wait``: return after at most that many seconds, ``unavailable`` if the first
+        open has not answered by then (it goes on in the background)."""
         self.store = store
         self.blocks.on_block = self._persist_block
         loop = asyncio.get_running_loop()
         self.unavailable = True
-        if await self._load():
+        first = loop.create_task(self._load())
+        if wait is not None:
+            await asyncio.wait({first}, timeout=wait)
+            if not first.done():
+                when = f"within {wait:g} s" if wait else "yet"
+                self._down(
+                    f"no answer from {store_label(self.cfg)} {when} (still connecting)",
+                    pending=True,
+                )
+                self._task = loop.create_task(self._reconnect(first))
+                return
+        if await first:
             self.unavailable = False
             self._task = loop.create_task(self._refresher())
         else:
@@ -114,34 +138,51 @@ class PolicyState:
         """Open the store if needed and load every cache; False if the server is unreachable."""
         try:
             if self.store is None:
-                from mailwarden import store as store_mod
-
-                self.store = await asyncio.to_thread(store_mod.open_store, self.cfg)
+                cfg = self.cfg
+                self.store = await run_detached(lambda: open_store(cfg), lambda s: s.close())
             await self.refresh(force=True)
         except StoreUnavailable as exc:  # its text is already redacted
             self._down(str(exc))
             return False
         except OperationalError as exc:  # opened, but the first load failed: retry it too
-            self._down(self.cfg.database.redact(str(exc.orig or exc)).strip())
+            self._down(error_reason(self.cfg.database, exc))
             return False
         return True
 
-    def _down(self, error: str) -> None:
+    def _down(self, error: str, *, pending: bool = False) -> None:
         if not self._outage:
             self._outage = True
-            emit("policy.store_unavailable", error=error, since_start=self.unavailable)
+            emit(
+                "policy.store_unavailable",
+                error=error,
+                since_start=self.unavailable,
+                pending=pending,
+            )
 
     def _up(self) -> None:
         if self._outage:
             self._outage = False
             emit("policy.store_recovered", was_never_loaded=self.unavailable)
 
-    async def _reconnect(self) -> None:
-        """Retry the first load with a doubling delay; then refresh as usual."""
-        for delay in backoff(self.retry_first, self.retry_max):
-            await asyncio.sleep(delay)
-            if await self._load():
-                break
+    async def _settle(self, attempt: Awaitable[bool]) -> bool:
+        """The outcome of a load in the background: an unusable database is an outage too
+        (the gateway is serving already; the operator may still create it), reported with
+        its reason at each try (``policy.config_error``)."""
+        try:
+            return await attempt
+        except StoreError as exc:  # not StoreUnavailable (``_load``); already redacted
+            self._down(str(exc))
+            emit("policy.config_error", error=str(exc))
+            return False
+
+    async def _reconnect(self, first: asyncio.Task[bool] | None = None) -> None:
+        """Await the first load still in progress (if any), else retry it with a doubling
+        delay until it succeeds; then refresh as usual."""
+        if first is None or not await self._settle(first):
+            for delay in backoff(self.retry_first, self.retry_max):
+                await asyncio.sleep(delay)
+                if await self._settle(self._load()):
+                    break
         self._up()
         self.unavailable = False
         await self._refresher()
@@ -169,7 +210,7 @@ class PolicyState:
             except Exception as exc:  # keep the old caches; try again next time
                 emit("policy.refresh_error", error=type(exc).__name__)
                 if isinstance(exc, OperationalError):
-                    self._down(self.cfg.database.redact(str(exc.orig or exc)).strip())
+                    self._down(error_reason(self.cfg.database, exc))
             else:
                 self._up()
 

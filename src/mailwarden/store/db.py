@@ -20,10 +20,13 @@ no socket, timeout, too many connections, database not accepting connections, st
 shutting down) makes ``open_store`` raise ``StoreUnavailable`` at once, without retrying:
 the gateway starts degraded and retries in the background. Everything else (a bad URL, a
 role or database that does not exist, an unusable SQLite path) is a plain ``StoreError``.
-``probe_store`` checks that the configured server answers (``mailwarden status``).
+``probe_store`` checks that the configured server answers (``mailwarden status``). Both
+take ``connect_timeout`` (libpq's, seconds per address; the URL's own wins): the CLI gives a
+shorter one than the gateway. Error texts are one line (``error_reason``: the driver's
+first line, redacted; libpq's hint lines are dropped).
 
-Public names: ``Store``, ``open_store``, ``probe_store``, ``is_transient``, ``bump_serial``,
-``SCHEMA_VERSION``.
+Public names: ``Store``, ``open_store``, ``probe_store``, ``store_label``, ``error_reason``,
+``is_transient``, ``bump_serial``, ``SCHEMA_VERSION``.
 Security: the driver's error text (untrusted: it may quote the server) is only matched
 against fixed substrings and printed redacted; the SQLite file is created mode 0600; the
 URL's password is never logged or printed: labels use ``DatabaseSettings.safe_url`` and
@@ -80,7 +83,15 @@ APPLICATION_NAME = "mailwarden"  # pg_stat_activity.application_name of our sess
 SCHEMA_LOCK = 0x6D77_5343  # pg_advisory_xact_lock key held while the schema is created
 INIT_ATTEMPTS = 3  # schema creation tries (SQLite: several processes may race)
 
-__all__ = ["SCHEMA_VERSION", "Store", "is_transient", "open_store", "probe_store"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Store",
+    "error_reason",
+    "is_transient",
+    "open_store",
+    "probe_store",
+    "store_label",
+]
 
 # libpq's texts (lower-cased) for a server that is there but cannot take us right now, or
 # is not there at all. psycopg gives no SQLSTATE for a failed connection, so the text is
@@ -181,7 +192,25 @@ def _create_sqlite_file(url: str) -> None:
     os.close(fd)
 
 
-def make_engine(settings: DatabaseSettings, state_dir: Path) -> Engine:
+def store_label(cfg: Config) -> str:
+    """Where the database is, printable (the URL's password as ``***``)."""
+    settings: DatabaseSettings = cfg.database
+    return settings.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}"
+
+
+def error_reason(settings: DatabaseSettings, exc: BaseException) -> str:
+    """The driver's message of ``exc`` as one line, with the URL's password as ``***``.
+
+    libpq adds hint lines ("Is the server running on that host ...?") and psycopg lists
+    every failed address after the first line; the first line says what went wrong."""
+    text = settings.redact(str(getattr(exc, "orig", None) or exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def make_engine(
+    settings: DatabaseSettings, state_dir: Path, *, connect_timeout: int = CONNECT_TIMEOUT
+) -> Engine:
     url = database_url(settings, state_dir)
     if url.startswith("sqlite"):
         _create_sqlite_file(url)
@@ -196,14 +225,14 @@ def make_engine(settings: DatabaseSettings, state_dir: Path) -> Engine:
         options = f"{given if isinstance(given, str) else ' '.join(given)} {options}"
     args: dict[str, Any] = {"options": options}
     if "connect_timeout" not in parsed.query:
-        args["connect_timeout"] = CONNECT_TIMEOUT
+        args["connect_timeout"] = connect_timeout
     if "application_name" not in parsed.query:
         args["application_name"] = APPLICATION_NAME
     return create_engine(
         parsed,
         pool_size=settings.pool_size,
         max_overflow=0,  # pool_size is a hard cap per store (docs/config.md: sizing)
-        pool_timeout=CONNECT_TIMEOUT + settings.busy_timeout,
+        pool_timeout=connect_timeout + settings.busy_timeout,
         pool_pre_ping=True,  # replace connections the server dropped before using them
         pool_recycle=POOL_RECYCLE,
         connect_args=args,
@@ -245,7 +274,7 @@ def is_transient(exc: BaseException) -> bool:
     return any(t in message for t in TRANSIENT_TEXTS)
 
 
-def probe_store(cfg: Config) -> str | None:
+def probe_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> str | None:
     """``None`` when the configured database answers a query, else the redacted reason.
 
     The embedded default (SQLite under ``state_dir``) has no server to reach: ``None``."""
@@ -253,29 +282,30 @@ def probe_store(cfg: Config) -> str | None:
     if not settings.url:
         return None
     try:
-        engine = make_engine(settings, cfg.state_path)
+        engine = make_engine(settings, cfg.state_path, connect_timeout=connect_timeout)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
-        return settings.redact(str(exc)).strip()
+        return error_reason(settings, exc)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return settings.redact(str(getattr(exc, "orig", None) or exc)).strip()
+        return error_reason(settings, exc)
     finally:
         engine.dispose()
     return None
 
 
-def open_store(cfg: Config) -> Store:
+def open_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> Store:
     """Open (and create if needed) the configured database; raise ``StoreError``, or
     ``StoreUnavailable`` when the server cannot be reached right now."""
     settings: DatabaseSettings = cfg.database
-    label = settings.safe_url or f"sqlite:///{cfg.state_path / DB_FILE}"
+    label = store_label(cfg)
     try:
-        engine = make_engine(settings, cfg.state_path)
+        engine = make_engine(settings, cfg.state_path, connect_timeout=connect_timeout)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         # e.g. a driver that is not installed; never echo the URL's password
-        raise StoreError(f"cannot open the database {label}: {settings.redact(str(exc))}") from None
+        reason = error_reason(settings, exc)
+        raise StoreError(f"cannot open the database {label}: {reason}") from None
     for attempt in range(INIT_ATTEMPTS):
         try:
             _init_schema(engine)
@@ -283,15 +313,15 @@ def open_store(cfg: Config) -> Store:
         except (OperationalError, IntegrityError) as exc:
             if engine.dialect.name != "sqlite" and is_transient(exc):
                 engine.dispose()  # the server is down or full: the caller retries later
-                reason = settings.redact(str(exc.orig)).strip()
+                reason = error_reason(settings, exc)
                 raise StoreUnavailable(f"cannot reach the database {label}: {reason}") from None
             if attempt == INIT_ATTEMPTS - 1:
                 engine.dispose()
-                reason = settings.redact(str(exc.orig)).strip()
+                reason = error_reason(settings, exc)
                 raise StoreError(f"cannot initialise the database {label}: {reason}") from None
         except SQLAlchemyError as exc:
             engine.dispose()
-            reason = settings.redact(str(exc)).strip()
+            reason = error_reason(settings, exc)
             raise StoreError(f"cannot open the database {label}: {reason}") from None
         except StoreError:
             engine.dispose()

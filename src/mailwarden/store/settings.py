@@ -8,6 +8,8 @@ Example (TOML)::
     url = "postgresql+psycopg://mailwarden@/mailwarden?host=/var/run/postgresql"
 
 An empty ``url`` (the default) is SQLite in WAL mode at ``state_dir/mailwarden.db``.
+``start_wait`` bounds how long a starting gateway waits for a PostgreSQL server's first
+answer before it listens anyway (degraded, still connecting in the background).
 
 Public names: ``DatabaseSettings``, ``redact_url``.
 Security: operator-supplied; the URL may carry a password (in the user part or as a
@@ -76,6 +78,9 @@ class DatabaseSettings(BaseModel):
     # How long a writer waits for a lock (SQLite busy_timeout, PostgreSQL lock_timeout).
     busy_timeout: Duration = 5.0
     pool_size: int = Field(default=5, ge=1, le=100)  # PostgreSQL connections per process
+    # How long `mailwarden serve` waits for a PostgreSQL server's first answer before it
+    # listens anyway, degraded (0: never wait; config errors then show up as events).
+    start_wait: Duration = Field(default=1.0, le=60.0)
 
     @field_validator("url")
     @classmethod
@@ -100,6 +105,11 @@ class DatabaseSettings(BaseModel):
                 "percent-encode '@', ':' and '/' in the password)"
             ) from None
         return v
+
+    @property
+    def is_server(self) -> bool:
+        """A database server (PostgreSQL) rather than the embedded SQLite file."""
+        return bool(self.url) and not self.url.lower().startswith("sqlite")
 
     @property
     def safe_url(self) -> str:

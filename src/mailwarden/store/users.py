@@ -13,7 +13,8 @@ Public names: ``UserRow``, ``UserExists``, ``get_user``, ``add_user``, ``set_pas
 ``set_disabled``, ``list_users``, ``sender_addresses``, ``sender_login_map``.
 Security: stores argon2id hashes only, never passwords (``UserRow.to_json`` leaves the hash
 out); SQL is built by SQLAlchemy with bound parameters (logins are untrusted when they come
-from an SMTP client).
+from an SMTP client). A failed write's error names the database and the driver's first line
+only (``error_reason``: never the statement or its parameters, which hold the hash).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from mailwarden.auth.base import normalise_login
 from mailwarden.errors import StoreError
-from mailwarden.store.db import Store, bump_serial
+from mailwarden.store.db import Store, bump_serial, error_reason
 from mailwarden.store.schema import USERS_SERIAL, users
 
 
@@ -92,7 +93,10 @@ def add_user(store: Store, login: str, password_hash: str, addresses: list[str])
     except IntegrityError as exc:
         raise UserExists(f"user {name!r} already exists") from exc
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot add user {name!r}: {exc}") from exc
+        reason = error_reason(store.settings, exc)  # no SQL, no parameters (the hash)
+        raise StoreError(
+            f"cannot add user {name!r} to the database {store.label}: {reason}"
+        ) from exc
     return UserRow(name, password_hash, tuple(addresses), False, now, now)
 
 
@@ -107,7 +111,10 @@ def _update(store: Store, login: str, **values: Any) -> bool:
             if res.rowcount:
                 bump_serial(conn, USERS_SERIAL)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot update user {normalise_login(login)!r}: {exc}") from exc
+        reason = error_reason(store.settings, exc)  # no SQL, no parameters (the hash)
+        raise StoreError(
+            f"cannot update user {normalise_login(login)!r} in the database {store.label}: {reason}"
+        ) from exc
     return bool(res.rowcount)
 
 
