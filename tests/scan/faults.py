@@ -5,6 +5,7 @@ real scan, to break the pool on purpose (test-only, never used by the gateway).
   killer would; it never returns.
 - ``hang_until_killed(started, raw, bad)``: creates the file ``started``, then sleeps until
   its worker is killed (a scan that overruns its time).
+- ``hang(*args)``: sleeps until its worker is killed (in place of ``scan_memfd``).
 - ``scan_when_released(gate, raw, bad)``: waits until the file ``gate`` exists, then
   returns the real ``scan_message(raw, bad)``: an innocent scan still in the pool when a
   pool-mate breaks it.
@@ -47,3 +48,8 @@ def hang_until_killed(started: str, raw: bytes, bad: tuple[str, ...]) -> list[Sy
 def scan_when_released(gate: str, raw: bytes, bad: tuple[str, ...]) -> list[Symbol]:
     _wait_for(gate)
     return scan_message(raw, bad)
+
+
+def hang(*args: object) -> list[Symbol]:
+    time.sleep(GIVE_UP)
+    raise AssertionError("a hung scan was never killed")

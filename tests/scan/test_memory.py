@@ -1,8 +1,10 @@
 """Bounded memory: a 1 GB zip bomb and a 30 MB message, each scanned in a fresh process.
 
 The 30 MB message is also scanned the way the gateway does it, through the built-in
-scanner's process pool: the gateway process then grows by about one copy of the message
-(the pickled argument), and the pool worker stays within the same bound as a direct scan.
+scanner's process pool: the gateway process grows by at most about one copy of the message
+(the memfd it hands to the worker lives in the page cache; where the memfd cannot be
+used, the pickled argument), and the pool worker stays within the same bound as a direct
+scan.
 
 Peak RSS growth (``ru_maxrss``) of the built-in scan is compared against a bound; time is
 never asserted. Inputs are built here, written to a file and read by the child in one piece,

@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from mailwarden.core import events as ev
 from mailwarden.core.types import Direction, EnvelopeSnapshot, Symbol
-from mailwarden.scan import BuiltinScanner, ScanInput, ScanSettings, VerdictEngine
-from mailwarden.scan.builtin import OFFLOAD_MIN, scan_message
+from mailwarden.scan import BuiltinScanner, ScanInput, ScanSettings, VerdictEngine, builtin
+from mailwarden.scan.builtin import EICAR, OFFLOAD_MIN, scan_message
 from mailwarden.scan.offload import PoolError, ScanPool
 from mailwarden.scan.settings import BuiltinSettings
 from mailwarden.smtp.content import ContentFilter, Outcome
@@ -347,8 +348,12 @@ async def test_calls_still_queued_when_the_pool_closes_fail_closed(tmp_path: Pat
 
 
 @pytest.mark.asyncio
-async def test_pool_scan_past_its_timeout_kills_the_worker_and_fails_closed() -> None:
-    scanner = BuiltinScanner(BuiltinSettings(timeout=0.001), pool_workers=1)
+async def test_pool_scan_past_its_timeout_kills_the_worker_and_fails_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker runs a scan that never ends (fault injector in place of scan_memfd).
+    monkeypatch.setattr(builtin, "scan_memfd", faults.hang)
+    scanner = BuiltinScanner(BuiltinSettings(timeout=2.0), pool_workers=1)
     flt = ContentFilter(VerdictEngine([scanner], ScanSettings()), None, "mx.test.example")
     try:
         outcome, sink = await _process(flt, big_message(BIG, extra=eicar() + b"\r\n"))
@@ -364,9 +369,90 @@ async def test_pool_scan_past_its_timeout_kills_the_worker_and_fails_closed() ->
             await asyncio.sleep(0.05)
         assert all(_gone(p) for p in killed), "a killed scan worker is still running"
         scanner.timeout = 60.0  # ... and the next scan gets a new one
+        monkeypatch.undo()
         engine = VerdictEngine([scanner], ScanSettings())
         flt2 = ContentFilter(engine, None, "mx.test.example")
         outcome, sink = await _process(flt2, big_message(2 * OFFLOAD_MIN))
         assert outcome.code == 250 and len(sink.queued) == 1
+    finally:
+        await flt.close()
+
+
+T = TypeVar("T")
+
+
+class _Recording(ScanPool):
+    """The real pool, remembering which function each call ran in the worker."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.ran: list[str] = []
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        self.ran.append(fn.__name__)
+        return await super().run(fn, *args)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.asyncio
+async def test_large_message_reaches_the_worker_through_a_memfd_and_no_fd_is_left() -> None:
+    scanner = BuiltinScanner(pool_workers=1)
+    scanner.pool = pool = _Recording()
+    virus = big_message(2 * OFFLOAD_MIN, extra=b"--BOUND\r\nContent-Type: text/plain\r\n\r\n")
+    virus = virus.replace(b"See attached.", b"See attached. " + EICAR)
+    try:
+        before = _open_fds()
+        found = await scanner.scan(ScanInput(raw=virus))
+        assert [s.name for s in found] == ["BUILTIN_VIRUS"], found
+        assert pool.ran == ["scan_memfd"]  # no pickled copy of the message
+        clean = await scanner.scan(ScanInput(raw=big_message(2 * OFFLOAD_MIN)))
+        assert clean == [] and pool.ran == ["scan_memfd", "scan_memfd"]
+        leaked = {fd for fd in _open_fds() - before if "memfd" in _target(fd)}
+        assert leaked == set()
+    finally:
+        await scanner.aclose()
+
+
+@pytest.mark.asyncio
+async def test_memfd_the_worker_cannot_open_falls_back_to_the_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fault injector: the /proc path names a process that does not exist (as when /proc
+    is not readable there); the message is then sent pickled and still gets its verdict."""
+    monkeypatch.setattr(builtin.os, "getpid", lambda: 2**22 + 1)  # above pid_max's default
+    scanner = BuiltinScanner(pool_workers=1)
+    scanner.pool = pool = _Recording()
+    virus = big_message(2 * OFFLOAD_MIN).replace(b"See attached.", EICAR)
+    try:
+        found = await scanner.scan(ScanInput(raw=virus))
+        assert [s.name for s in found] == ["BUILTIN_VIRUS"], found
+        assert pool.ran == ["scan_memfd", "scan_message"]
+    finally:
+        await scanner.aclose()
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+@pytest.mark.asyncio
+async def test_timeout_while_the_memfd_is_written_fails_closed_and_closes_it() -> None:
+    scanner = BuiltinScanner(BuiltinSettings(timeout=0.001), pool_workers=1)
+    flt = ContentFilter(VerdictEngine([scanner], ScanSettings()), None, "mx.test.example")
+    before = _open_fds()
+    try:
+        outcome, sink = await _process(flt, big_message(BIG))
+        assert (outcome.code, outcome.enhanced) == (451, "4.7.1"), outcome
+        assert sink.queued == []
+        await _until(
+            lambda: not {fd for fd in _open_fds() - before if "memfd" in _target(fd)},
+            "the memfd to be closed",
+        )
     finally:
         await flt.close()

@@ -22,7 +22,9 @@ Cost: a message that byte checks show to be one text part without attachments
 checks the parser's part would get. Messages up to ``INLINE_MAX`` are scanned on the event
 loop, up to ``OFFLOAD_MIN`` in a thread, larger ones in a process pool (``scan.offload``,
 started on first use, ``POOL_WORKERS`` processes), so a 30 MB message never stalls the
-other sessions. A message whose pool broke under it (a worker died, or was killed because
+other sessions; its bytes reach the worker through a memfd that a thread fills (no
+pickling on the loop's thread), pickled only where the worker cannot open the memfd. A
+message whose pool broke under it (a worker died, or was killed because
 another scan overran its time) is scanned again, once, alone; one that breaks the pool on
 that retry too, or overruns its own time, is ``BUILTIN_FAIL``: the message is tempfailed,
 never delivered unscanned.
@@ -30,13 +32,16 @@ never delivered unscanned.
 Public names: ``BuiltinScanner``, ``scan_message``, ``DANGEROUS_EXTENSIONS``,
 ``INLINE_MAX``, ``OFFLOAD_MIN``.
 Security: all content is hostile: only byte comparisons, hashing and bounded decompression,
-nothing is executed or written.
+nothing is executed; a large message is written only to an anonymous memfd (close-on-exec,
+never on disk, closed after its scan), which the pool workers (our children, same user)
+open read-only by its /proc path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Iterable
 
 from mailwarden.core.types import Symbol
@@ -218,11 +223,52 @@ class BuiltinScanner:
                 return scan_message(raw, self._bad)
             if len(raw) <= OFFLOAD_MIN:
                 return await asyncio.to_thread(scan_message, raw, self._bad)
-            return await self.pool.run(scan_message, raw, self._bad)
+            return await self._scan_in_pool(raw)
         except PoolError as exc:
             return [fail_symbol(NAME, str(exc))]
         except (MemoryError, RecursionError, Exception) as exc:  # never raise (contract)
             return [fail_symbol(NAME, f"{type(exc).__name__}: {exc}")]
 
+    async def _scan_in_pool(self, raw: bytes) -> list[Symbol]:
+        """Scan in a worker process. The bytes go through a memfd written by a thread
+        (the copy runs without the GIL) and the worker opens it by its /proc path, so
+        the event loop never pickles the message; where that is not possible (no memfd,
+        /proc not readable), they are pickled as before."""
+        try:
+            fd = os.memfd_create("mailwarden-scan", os.MFD_CLOEXEC)
+        except (OSError, AttributeError):
+            return await self.pool.run(scan_message, raw, self._bad)
+        write = asyncio.get_running_loop().run_in_executor(None, _write_all, fd, raw)
+        try:
+            # Shielded: if the scan is cancelled (timeout) while the thread still
+            # writes, the descriptor is closed only once the thread is done with it.
+            await asyncio.shield(write)
+            found = await self.pool.run(scan_memfd, f"/proc/{os.getpid()}/fd/{fd}", self._bad)
+        finally:
+            if write.done():
+                os.close(fd)
+            else:
+                write.add_done_callback(lambda _: os.close(fd))
+        if found is None:  # the worker could not open it
+            return await self.pool.run(scan_message, raw, self._bad)
+        return found
+
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+
+def _write_all(fd: int, raw: bytes) -> None:
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def scan_memfd(path: str, bad_sha256: Iterable[str] = ()) -> list[Symbol] | None:
+    """``scan_message`` of the bytes in the gateway's memfd at ``path`` (run in a pool
+    worker); None if the file cannot be opened here (the caller then sends the bytes)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return scan_message(raw, bad_sha256)
