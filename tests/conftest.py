@@ -7,6 +7,9 @@
 - ``pg_database`` -> a fresh PostgreSQL database per test module (tests/support/postgres.py);
   ``db_url`` -> ``[database] url`` once for SQLite, once for PostgreSQL (parametrized)
 
+Hypothesis (the ``test_props_*.py`` property tests) runs under the profile named by
+``HYPOTHESIS_PROFILE``, by default the derandomized ``mailwarden`` (tests/support/properties.py).
+
 Each Postfix/Dovecot instance lives in its own ``/tmp/mw-*`` directory, linked from the
 test's ``tmp_path`` (``dv1``, ``pf1``, ...) and removed in teardown: daemons running as
 ``postfix``/``nobody`` cannot rely on reaching ``/tmp/pytest-of-root`` (see tmpdirs.py), and
@@ -26,10 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.support.dovecot import DovecotLMTP, dovecot_available
 from tests.support.postfix import PostfixInstance, postfix_available
+from tests.support.properties import active_profile, register_profiles
 from tests.support.tmpdirs import daemon_workdir, remove_workdir
+
+register_profiles()
+settings.load_profile(active_profile())
 
 
 def _need_root(what: str) -> None:
