@@ -117,7 +117,13 @@ def single_text_part(raw: bytes) -> Part | None:
         name = m.group(1).lower()
         if not name.startswith((b"content-", b"mime-")):
             continue
-        value = m.group(2).replace(b"\r\n", b"").decode("latin-1")
+        # The value as the parser keeps it (compat32): leading blanks of the first line
+        # dropped, the CRLF of every fold kept. 8-bit bytes become a Header object there,
+        # whose text differs: the full parse decides.
+        raw_value = m.group(2).lstrip(b" \t")
+        if not raw_value.isascii():
+            return None
+        value = raw_value.decode("ascii")
         if name == b"content-type":
             if ctype is not None:
                 return None
@@ -140,13 +146,13 @@ def single_text_part(raw: bytes) -> Part | None:
         if not content_type.startswith("text/") or content_type.count("/") != 1:
             return None
     body = raw[end + 4 :]
-    encoding = (cte or "").lstrip(" \t").lower()  # as the parser compares it
+    encoding = (cte or "").lower()  # as the parser compares it: a folded value is unknown
     if encoding == "quoted-printable":
         payload = binascii.a2b_qp(body)  # what the parser's decode=True does
     elif encoding in _IDENTITY_CTE:
         payload = body
     else:
-        return None  # base64, uuencode, unknown, trailing blanks: the full parse
+        return None  # base64, uuencode, unknown, folded, trailing blanks: the full parse
     return Part("1", None, content_type, payload)
 
 
