@@ -177,6 +177,18 @@ def test_malformed_mime_is_a_symbol(raw: bytes) -> None:
     assert "MIME_MALFORMED" in names(got), got
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_header_line_limit_is_998_octets_without_the_crlf(fast: bool) -> None:
+    """RFC 5322 2.1.1: 998 octets plus CRLF is legal, one more is not (both paths)."""
+
+    def message(n: int) -> bytes:
+        line = b"X-Long: " + b"a" * (n - 8)
+        return b"From: a@b\r\n" + line + b"\r\nSubject: s\r\n\r\nbody\r\n"
+
+    assert "MIME_MALFORMED" not in names(scan_message(message(998), fast=fast))
+    assert "MIME_MALFORMED" in names(scan_message(message(999), fast=fast))
+
+
 def test_deep_mime_nesting_is_bounded() -> None:
     depth = 60
     raw = b'From: a@b\r\nContent-Type: multipart/mixed; boundary="b0"\r\n\r\n'
