@@ -31,7 +31,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
@@ -55,10 +54,6 @@ LIMITS = {
 }
 GATEWAY = {"hostname": "mx.test.example", "state_dir": "/nonexistent/mailwarden-props"}
 CFG = default_config(gateway=GATEWAY, limits=LIMITS)
-# For sessions with an overlong line (see test_known_bug_error_limit_after_overlong_line).
-CFG_NO_ERROR_LIMIT = default_config(
-    gateway=GATEWAY, limits={**LIMITS, "max_errors_per_session": 1_000_000}
-)
 CRLF = b"\r\n"
 MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5, CRLF included
 
@@ -436,23 +431,9 @@ def check_outcome(result: Outcome) -> None:
         assert b"\0" not in data
 
 
-def _overlong_lines(data: bytes) -> list[bytes]:
-    """Lines (LF excluded) longer than any command line may be."""
-    return [line for line in data.split(b"\n") if len(line) > MAX_ESMTP_COMMAND_LINE]
-
-
-def _overlong_line_with_bare_lf(data: bytes) -> bool:
-    ended = data.split(b"\n")[:-1]
-    return any(len(ln) > MAX_ESMTP_COMMAND_LINE and not ln.endswith(b"\r") for ln in ended)
-
-
-# Two known bugs (reported, not fixed here; see the two xfail tests below) make the result
-# depend on where an overlong command line is cut: such sessions run without an error limit,
-# and overlong lines ending in a bare LF are left out. Once protocol.py is fixed, remove
-# the filter and the CFG_NO_ERROR_LIMIT switch.
 @settings(max_examples=examples(400))
 @given(
-    data=sessions().filter(lambda d: not _overlong_line_with_bare_lf(d)),
+    data=sessions(),
     cuts=st.one_of(cut_points(), st.just(None)),
     drains=st.lists(st.booleans(), min_size=1, max_size=8),
     submission=st.booleans(),
@@ -467,12 +448,11 @@ def _overlong_line_with_bare_lf(data: bytes) -> bool:
 def test_replies_do_not_depend_on_how_input_is_cut(
     data: bytes, cuts: list[int] | None, drains: list[bool], submission: bool
 ) -> None:
-    cfg = CFG_NO_ERROR_LIMIT if _overlong_lines(data) else CFG
-    whole = run_session([data], [True], submission, cfg)
+    whole = run_session([data], [True], submission, CFG)
     check_outcome(whole)
     # cuts=None: one byte per read
     chunks = [data[i : i + 1] for i in range(len(data))] if cuts is None else split_at(data, cuts)
-    split = run_session(chunks, drains, submission, cfg)
+    split = run_session(chunks, drains, submission, CFG)
     check_outcome(split)
     event(f"messages queued: {min(len(whole.queued), 2)}")
     event(f"replies: {min(whole.out.count(CRLF) // 5 * 5, 20)}+")
@@ -480,31 +460,25 @@ def test_replies_do_not_depend_on_how_input_is_cut(
     assert split.queued == whole.queued
 
 
-# Known bugs (reported, not fixed here). Both come from SmtpProtocol._process refusing a
-# line as too long as soon as more than MAX_ESMTP_COMMAND_LINE bytes of it are buffered,
-# which skips two checks the same line gets when it arrives in one read.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="the LF ending a skipped overlong line"
-)
-def test_known_bug_bare_lf_after_overlong_line() -> None:
+# Found by the property above: a line refused as too long before its end arrived skipped
+# the check of its end (a bare LF) and the error limit, which the same line got when it
+# arrived in one read. Both ways now give the same replies.
+def test_bare_lf_ending_an_overlong_line_closes_however_it_is_cut() -> None:
     data = b"x" * 1025 + b"\nNOOP\r\n"
     whole = run_session([data], [True])
-    if not whole.out.endswith(b"500 5.5.2 Error: bare <LF> received\r\n"):  # and closed
-        pytest.fail(f"unexpected reply in one read: {whole.out[-80:]!r}")
-    split = run_session([data[:1025], data[1025:]], [True])
-    assert split.out == whole.out  # split: "500 line too long", then "250 Ok" for NOOP
+    assert whole.out.endswith(
+        b"500 5.5.2 Error: line too long\r\n500 5.5.2 Error: bare <LF> received\r\n"
+    ), whole.out[-120:]
+    assert b"250" not in whole.out.split(b"line too long")[1]  # NOOP never ran
+    for cut in (1024, 1025, 1026):
+        assert run_session([data[:cut], data[cut:]], [True]).out == whole.out, cut
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="no error-limit check after early 'too long'"
-)
-def test_known_bug_error_limit_after_overlong_line() -> None:
+def test_error_limit_counts_an_overlong_line_however_it_is_cut() -> None:
     data = b"XYZZY\r\n" * 10 + b"x" * 1025 + b"\r\nNOOP\r\n"
     whole = run_session([data], [True])
-    expected = (
+    assert whole.out.endswith(
         b"500 5.5.2 Error: line too long\r\n421 4.7.0 mx.test.example Error: too many errors\r\n"
-    )
-    if not whole.out.endswith(expected):
-        pytest.fail(f"unexpected reply in one read: {whole.out[-80:]!r}")
-    split = run_session([data[: 70 + 1025], data[70 + 1025 :]], [True])
-    assert split.out == whole.out  # split: NOOP still runs ("250 Ok") before the 421
+    ), whole.out[-120:]
+    for cut in (70 + 1025, 70 + 1026, 70 + 1027):
+        assert run_session([data[:cut], data[cut:]], [True]).out == whole.out, cut

@@ -69,6 +69,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._msg_limit = server.cfg.limits.max_message_size + 16
         self._too_big = False
         self._skip_line = False
+        self._skip_cr = False  # the last byte dropped of a skipped line was a CR
         self._close_after = False
         self._tls_pending = False  # 220 sent for STARTTLS, handshake not started yet
         self._tls_starting = False
@@ -196,7 +197,6 @@ class SmtpProtocol(asyncio.Protocol):
         """Run every complete command in the buffer until one has to wait; flush replies."""
         buf = self._buf
         pos = 0
-        max_errors = self.srv.cfg.limits.max_errors_per_session
         while not (self.busy or self.closed or self._close_after or self._tls_pending):
             if self.in_data:
                 rest = bytes(memoryview(buf)[pos:])
@@ -210,24 +210,40 @@ class SmtpProtocol(asyncio.Protocol):
             idx = buf.find(b"\n", pos)
             if idx < 0:
                 pending = len(buf) - pos
-                if pending > MAX_ESMTP_COMMAND_LINE and pending > self._line_limit(buf, pos):
+                if self._skip_line:  # more of a line already refused as too long: drop it
+                    if pending:
+                        self._skip_cr = buf[-1] == 0x0D
+                        pos = len(buf)
+                elif pending > MAX_ESMTP_COMMAND_LINE and pending > self._line_limit(buf, pos):
+                    # Refused before its end arrives; its end is still checked (below).
                     self._line_too_long()
                     self._skip_line = True
+                    self._skip_cr = buf[-1] == 0x0D
                     pos = len(buf)
+                    self._error_limit()
                 break
             start, pos = pos, idx + 1
-            if self._skip_line:  # the rest of a line already refused as too long
+            if self._skip_line:  # the end of a line already refused as too long
                 self._skip_line = False
+                if not (buf[idx - 1] == 0x0D if idx > start else self._skip_cr):
+                    self._bare_lf()
+                    break
                 continue
-            if idx == start or buf[idx - 1] != 0x0D:
-                self._protocol_error("bare LF", 500, "5.5.2", "Error: bare <LF> received")
-                self._close_after = True
+            crlf = idx > start and buf[idx - 1] == 0x0D
+            size = idx + 1 - start
+            if size > MAX_ESMTP_COMMAND_LINE and size > self._line_limit(buf, start):
+                # The same replies as when the line is refused before its end arrives.
+                self._line_too_long()
+                self._error_limit()
+                if not crlf and not self._close_after:
+                    self._bare_lf()
+                    break
+                continue
+            if not crlf:
+                self._bare_lf()
                 break
             line = bytes(memoryview(buf)[start : idx - 1])
-            size = len(line) + 2
-            if size > MAX_ESMTP_COMMAND_LINE and size > self._line_limit(buf, start):
-                self._line_too_long()
-            elif b"\r" in line:
+            if b"\r" in line:
                 self._protocol_error("bare CR", 500, "5.5.2", "Error: bare <CR> received")
                 self._close_after = True
                 break
@@ -239,15 +255,7 @@ class SmtpProtocol(asyncio.Protocol):
             else:
                 self.commands += 1
                 commands.dispatch(self, line, len(line) + 2 > MAX_COMMAND_LINE)
-            if self.errors > max_errors and not self._close_after:
-                self.reply(421, "4.7.0", f"{self.srv.hostname} Error: too many errors")
-                emit(
-                    "smtp.protocol_error",
-                    session=self.session.session_id,
-                    client=self.session.peer_ip,
-                    error="too many errors",
-                )
-                self._close_after = True
+            self._error_limit()
         if self._tls_pending:
             buf.clear()  # every byte pipelined behind STARTTLS is discarded
         elif pos:
@@ -255,6 +263,22 @@ class SmtpProtocol(asyncio.Protocol):
         if not self.busy:
             self._resume()
         self.flush()
+
+    def _bare_lf(self) -> None:
+        self._protocol_error("bare LF", 500, "5.5.2", "Error: bare <LF> received")
+        self._close_after = True
+
+    def _error_limit(self) -> None:
+        """Too many errors in this session: 421 and close after the replies so far."""
+        if self.errors > self.srv.cfg.limits.max_errors_per_session and not self._close_after:
+            self.reply(421, "4.7.0", f"{self.srv.hostname} Error: too many errors")
+            emit(
+                "smtp.protocol_error",
+                session=self.session.session_id,
+                client=self.session.peer_ip,
+                error="too many errors",
+            )
+            self._close_after = True
 
     def _line_limit(self, buf: bytearray, start: int) -> int:
         """Longest line allowed at ``start``: AUTH lines get RFC 4954's limit."""
