@@ -122,7 +122,10 @@ def parse_path(
         addr, end = Address("postmaster", ""), m.end()
     else:
         if not text.isascii() and not smtputf8:
-            close = text.find(">")
+            # The path's own extent (a quoted local part may hold a ">"), else up to the
+            # first ">": non-ASCII there needs SMTPUTF8; in the parameters it is an error.
+            full = _PATH_UTF8.match(text)
+            close = full.end() if full is not None else text.find(">")
             if not text[: close if close > 0 else len(text)].isascii():
                 raise NonAsciiAddress("non-ASCII address requires SMTPUTF8")
         pattern = _PATH_UTF8 if smtputf8 else _PATH_ASCII
