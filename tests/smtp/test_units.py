@@ -63,6 +63,8 @@ def test_parse_path_accepts(text: str, kwargs: dict[str, bool], stored: str, res
         ("<" + "l" * 65 + "@example.edu>", {}),
         ("<u@" + "d" * 64 + ".example>", {}),
         ("<u\u0085@example.edu>", {"smtputf8": True}),  # C1 control
+        ("<u\u2028x@example.edu>", {"smtputf8": True}),  # line separator
+        ("<u@b\u00fccher\u2029.example>", {"smtputf8": True}),  # paragraph separator
     ],
 )
 def test_parse_path_refuses(text: str, kwargs: dict[str, bool]) -> None:

@@ -73,7 +73,9 @@ _PATH_ASCII = _path_regex(False)
 _PATH_UTF8 = _path_regex(True)
 _POSTMASTER = re.compile(r"<postmaster>", re.IGNORECASE)
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the Unicode line and paragraph separators: str.splitlines() and
+# other Unicode-aware code break lines there, so an address must never carry them.
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _check_literal(literal: str) -> None:
