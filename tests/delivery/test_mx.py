@@ -261,3 +261,18 @@ async def test_transport_host_name_resolved_by_test_dns(
     await router.close()
     assert r.status == DELIVERED and r.remote_host.startswith("smtp.relay.test[127.0.0.1]")
     assert ("smtp.relay.test.", "A") in dns_server.queries
+
+
+@pytest.mark.asyncio
+async def test_answers_are_cached_for_their_ttl(dns_server: DNSServer) -> None:
+    dns_server.add_zone(
+        "cached.test", {"@": {"MX": ["10 mx"]}, "mx": {"A": "127.0.0.31"}}
+    )  # default TTL 300 s
+    resolver = _resolver(dns_server)
+    for _ in range(5):
+        targets = await resolver.route("cached.test")
+        assert not isinstance(targets, RouteError)
+        assert [t.ip for t in targets] == ["127.0.0.31"]
+    asked = [q for q in dns_server.queries if q[0].endswith("cached.test.")]
+    assert ("cached.test.", "MX") in asked and ("mx.cached.test.", "A") in asked
+    assert len(asked) == len(set(asked)), asked  # each name and type once, not five times

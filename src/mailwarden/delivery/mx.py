@@ -3,7 +3,10 @@ A/AAAA fallback, null MX (RFC 7505) and plain host names for ``smtp:HOST:PORT``.
 
 ``MXResolver(dns_cfg).route(domain)`` returns the ordered ``Target`` list to try, or a
 ``RouteError`` that says whether to bounce (no such domain, null MX) or defer (SERVFAIL,
-timeout); ``MXResolver.host(name)`` resolves one host name (or an IP literal).
+timeout); ``MXResolver.host(name)`` resolves one host name (or an IP literal). Answers
+are cached for their TTL (dnspython's LRU cache, ``CACHE_SIZE`` answers per process), so a
+queue of mail for one domain costs one MX lookup per TTL, not one per message; failures
+(timeouts, SERVFAIL) are never cached.
 
 Public names: ``MXResolver``, ``Target``, ``RouteError``, ``MAX_MX_ADDRESSES``.
 Security: DNS answers are untrusted: the number of MX names and addresses tried is bounded,
@@ -32,6 +35,7 @@ MAX_MX_NAMES = 10  # MX host names looked up per domain (Postfix: smtp_mx_addres
 MAX_MX_ADDRESSES = 5  # addresses tried per delivery attempt (Postfix default: 5)
 PREFER_IPV4 = True  # try A before AAAA addresses of the same host
 DEFAULT_DNS_PORT = 53
+CACHE_SIZE = 10_000  # DNS answers kept per process, each for its TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class MXResolver:
         res.timeout = cfg.timeout
         res.lifetime = cfg.timeout
         res.retry_servfail = False
+        res.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self._res = res
 
     async def route(self, domain: str) -> list[Target] | RouteError:
