@@ -43,6 +43,17 @@ _DKIM_DOMAIN = re.compile(
 _SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def _domain_names(values: list[str]) -> list[str]:
+    """Domain names from the config, normalised (lower case, no final dot) and checked."""
+    out = []
+    for v in values:
+        v = v.strip().lower().rstrip(".")
+        if not _DKIM_DOMAIN.match(v):
+            raise ValueError(f"not a domain name: {v!r}")
+        out.append(v)
+    return out
+
+
 class ScanAction(StrEnum):
     """What the verdict engine decided for a message (ordered from mild to severe)."""
 
@@ -177,13 +188,7 @@ class MailAuthSettings(_Section):
     @field_validator("arc_trusted_sealers")
     @classmethod
     def _sealers(cls, values: list[str]) -> list[str]:
-        out = []
-        for v in values:
-            v = v.strip().lower().rstrip(".")
-            if not _DKIM_DOMAIN.match(v):
-                raise ValueError(f"not a domain name: {v!r}")
-            out.append(v)
-        return out
+        return _domain_names(values)
 
     @field_validator("arc_seal_domain")
     @classmethod
@@ -297,13 +302,7 @@ class DkimSettings(_Section):
     @field_validator("domains")
     @classmethod
     def _domains(cls, values: list[str]) -> list[str]:
-        out = []
-        for v in values:
-            v = v.strip().lower().rstrip(".")
-            if not _DKIM_DOMAIN.match(v):
-                raise ValueError(f"not a domain name: {v!r}")
-            out.append(v)
-        return out
+        return _domain_names(values)
 
     @field_validator("selectors")
     @classmethod
