@@ -157,3 +157,65 @@ async def test_lmtp_dovecot_per_recipient(tmp_path: Path, dovecot_factory: Any) 
     [msg] = dv.wait_messages("known@dept.test")
     assert b"Subject: delivery test" in msg
     assert len(dv.wait_messages("second@dept.test", 2)) == 2
+
+
+DOTTED = (
+    b"From: alice@sender.test\r\nTo: known@dept.test\r\nSubject: dots\r\n\r\n"
+    b".leading dot\r\n..two dots\r\n.\r\nafter a lone dot\r\nno final line end"
+)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunking", [True, False])
+async def test_bdat_to_postfix_when_offered_same_bytes_as_data(
+    tmp_path: Path, downstream: Any, chunking: bool
+) -> None:
+    router = _router(tmp_path, downstream, tls_policy="none", chunking=chunking)
+    [first] = await router.deliver(make_item(router, ["known@dept.test"], message=DOTTED))
+    [second] = await router.deliver(make_item(router, ["known@dept.test"], message=DOTTED))
+    await router.close()
+    context = "BDAT command" if chunking else "end of DATA command"
+    assert first.status == second.status == DELIVERED
+    assert first.text.endswith(f"(in reply to {context})"), first.text
+    assert second.text.endswith(f"(in reply to {context})"), second.text  # reused
+    for raw in downstream.wait_messages("known@dept.test", 2):
+        body = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+        assert body == b".leading dot\n..two dots\n.\nafter a lone dot\nno final line end\n"
+
+
+@pytest.mark.asyncio
+async def test_bdat_rejected_recipients_and_size_with_postfix(
+    tmp_path: Path, downstream: Any
+) -> None:
+    router = _router(tmp_path, downstream, tls_policy="none")
+    rcpts = ["nobody-here@dept.test", "known@dept.test"]
+    results = await router.deliver(make_item(router, rcpts, message=DOTTED))
+    assert [r.status for r in results] == [BOUNCED, DELIVERED]
+    assert "RCPT TO" in results[0].text and "BDAT" in results[1].text
+    # Every recipient refused: Postfix still reads the counted octets and answers BDAT,
+    # so the cached connection stays in step for the next message.
+    [gone] = await router.deliver(make_item(router, ["nobody-here@dept.test"]))
+    [ok] = await router.deliver(make_item(router, ["other@dept.test"], message=DOTTED))
+    await router.close()
+    assert gone.status == BOUNCED and ok.status == DELIVERED and "BDAT" in ok.text
+    assert len(downstream.wait_messages("other@dept.test")) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunking", [True, False])
+async def test_lmtp_dovecot_chunking_per_recipient(
+    tmp_path: Path, dovecot_factory: Any, chunking: bool
+) -> None:
+    dv = dovecot_factory(["known@dept.test", "second@dept.test"])
+    cfg = make_cfg(tmp_path, transports={"dept.test": dv.transport}, chunking=chunking)
+    router = Router(cfg)
+    rcpts = ["known@dept.test", "unknown@dept.test", "second@dept.test"]
+    results = await router.deliver(make_item(router, rcpts, message=DOTTED))
+    await router.close()
+    assert [r.status for r in results] == [DELIVERED, BOUNCED, DELIVERED]
+    context = "BDAT command" if chunking else "end of DATA command"
+    assert all(r.text.endswith(f"(in reply to {context})") for r in (results[0], results[2]))
+    for user in ("known@dept.test", "second@dept.test"):
+        [raw] = dv.wait_messages(user)
+        body = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
+        assert body == b".leading dot\n..two dots\n.\nafter a lone dot\nno final line end\n"

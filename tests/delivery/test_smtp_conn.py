@@ -1052,3 +1052,109 @@ def test_line_breaks_in_commands_are_refused_before_sending(run: Any) -> None:
         assert peer.notes["after"] == b""
 
     run(main)
+
+
+# -- CHUNKING (RFC 3030): BDAT instead of DATA when the server offers it with PIPELINING ----
+async def read_bdat(peer: Peer) -> bytes:
+    """The BDAT command and exactly its counted octets (nothing is dot-stuffed)."""
+    line = await peer.expect("BDAT ")
+    size_text, last = line.split()[1:3]
+    assert last == "LAST"
+    return await asyncio.wait_for(peer.reader.readexactly(int(size_text)), IO)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_bdat_sends_the_exact_octets_after_pipelined_commands(run: Any, size: str) -> None:
+    message = MESSAGE if size == "small" else big_message(smtp_conn.CHUNK_JOIN_MAX + 4096)
+    expected = message if message.endswith(b"\r\n") else message + b"\r\n"
+
+    async def script(peer: Peer) -> None:
+        await peer.hello("PIPELINING", "CHUNKING")
+        for _ in range(2):  # two messages over the same connection
+            await peer.expect("MAIL FROM:")
+            for _ in RCPTS:
+                await peer.expect("RCPT TO:")
+            peer.notes.setdefault("bodies", []).append(await read_bdat(peer))
+            await peer.send(b"250 2.1.0 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 ok\r\n")
+            await peer.send(b"250 2.0.0 queued\r\n")
+        await peer.expect("QUIT")
+        await peer.send(b"221 bye\r\n")
+
+    async def main() -> None:
+        async with fault_injector(script) as inj:
+            conn, _ = await connect(inj)
+            await conn.hello("client.test")
+            for _ in range(2):
+                tx = await conn.transaction(SENDER, RCPTS, message, [])
+                assert tx.chunked and tx.clean and tx.data is None
+                assert [r.code for r in tx.rcpt] == [250, 550, 250]
+                assert [str(r) for r in tx.final] == ["250 2.0.0 queued"]
+            assert conn.uses == 2
+            await conn.quit()
+        assert [b == expected for b in inj.peers[0].notes["bodies"]] == [True, True]
+
+    run(main)
+
+
+def test_bdat_with_every_recipient_refused_stays_in_step(run: Any) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.hello("PIPELINING", "CHUNKING")
+        await peer.expect("MAIL FROM:")
+        await peer.expect("RCPT TO:")
+        await read_bdat(peer)  # the server reads the octets whatever it thinks of them
+        await peer.send(b"250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n")
+        await peer.expect("MAIL FROM:")
+        await peer.expect("RCPT TO:")
+        await read_bdat(peer)
+        await peer.send(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+
+    async def main() -> None:
+        async with fault_injector(script) as inj:
+            conn, _ = await connect(inj)
+            await conn.hello("client.test")
+            tx = await conn.transaction(SENDER, RCPTS[:1], MESSAGE, [])
+            assert tx.clean and [r.code for r in tx.rcpt] == [550]
+            assert [r.code for r in tx.final] == [554]
+            assert conn.uses == 0  # nothing was delivered
+            tx = await conn.transaction(SENDER, RCPTS[:1], MESSAGE, [])
+            assert [str(r) for r in tx.final] == ["250 2.0.0 queued"] and conn.uses == 1
+            conn.abort()
+
+    run(main)
+
+
+def test_bdat_421_to_mail_on_a_reused_connection_is_stale(run: Any) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.hello("PIPELINING", "CHUNKING")
+        await peer.expect("MAIL FROM:")
+        await peer.send(b"421 4.3.2 fault.test shutting down\r\n")
+
+    async def main() -> None:
+        async with fault_injector(script) as inj:
+            conn, _ = await connect(inj)
+            await conn.hello("client.test")
+            conn.reused = True
+            with pytest.raises(StaleConnection):
+                await conn.transaction(SENDER, RCPTS, MESSAGE, [])
+            assert conn.broken
+
+    run(main)
+
+
+def test_chunking_off_uses_data(run: Any) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.hello("PIPELINING", "CHUNKING")
+        peer.notes["stream"] = await standard_exchange(peer, pipelined=True)
+        await peer.send(b"250 2.0.0 queued\r\n")
+
+    async def main() -> None:
+        async with fault_injector(script) as inj:
+            conn, _ = await connect(inj)
+            await conn.hello("client.test")
+            conn.chunking = False
+            tx = await conn.transaction(SENDER, RCPTS[:1], MESSAGE, [])
+            assert not tx.chunked and tx.data is not None and tx.data.code == 354
+            assert [str(r) for r in tx.final] == ["250 2.0.0 queued"]
+            conn.abort()
+
+    run(main)
