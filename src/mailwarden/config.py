@@ -210,7 +210,6 @@ class DeliveryConfig(_Section):
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     connection_reuse: bool = True
-    chunking: bool = True  # BDAT (RFC 3030) when the server offers CHUNKING and PIPELINING
     max_reuse: int = Field(default=100, ge=1)  # messages per cached connection
     idle_reuse: Duration = 5.0  # seconds a cached connection is kept idle
 

@@ -77,7 +77,6 @@ class LMTPTransport:
                 )
             except NETWORK_ERRORS as exc:
                 return None, label, f"connect to {label}: {str(exc) or type(exc).__name__}"
-        conn.chunking = d.chunking
         emit("delivery.connect", queue_id=item.queue_id, destination=item.destination,
              remote=label, reply=str(greeting))  # fmt: skip
         try:

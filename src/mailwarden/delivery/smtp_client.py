@@ -82,14 +82,14 @@ def transaction_results(
             out.append(make(rcpt, Reply(451, ("4.4.2 no reply to RCPT TO",)), "RCPT TO command"))
         elif rr.code not in (250, 251):
             out.append(make(rcpt, rr, "RCPT TO command"))
-        elif not tx.chunked and (tx.data is None or tx.data.code != 354):
+        elif tx.data is None or tx.data.code != 354:
             reply = tx.data or Reply(451, ("4.4.2 no reply to DATA",))
             out.append(make(rcpt, reply, "DATA command"))
         else:
             final = next(finals, None)
             if final is None:
                 final = Reply(451, ("4.4.2 no reply after end of data",))
-            out.append(make(rcpt, final, "BDAT command" if tx.chunked else "end of DATA command"))
+            out.append(make(rcpt, final, "end of DATA command"))
             if not conn.lmtp:
                 finals = iter(tx.final)  # SMTP: the single reply applies to every recipient
     return out
@@ -226,7 +226,6 @@ class SMTPTransport:
             )
         except NETWORK_ERRORS as exc:
             raise _SessionFailure(451, "4.4.1", f"connect to {label}: {_describe(exc)}") from exc
-        conn.chunking = self.dcfg.chunking
         emit("delivery.connect", queue_id=item.queue_id, destination=item.destination,
              remote=label, reply=str(greeting))  # fmt: skip
         try:

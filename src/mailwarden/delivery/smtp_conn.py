@@ -1,6 +1,5 @@
 """A small asyncio SMTP/LMTP client connection: replies, EHLO/LHLO, STARTTLS, pipelined
-transactions, and the message as dot-stuffed DATA or, when the server offers CHUNKING with
-PIPELINING, as one ``BDAT <size> LAST`` in the same write as MAIL and RCPT (RFC 3030).
+transactions and dot-stuffed DATA.
 
 It is the wire layer under ``delivery.smtp_client`` and ``delivery.lmtp``; the policy (which
 TLS level, which host, how replies map to results) lives there.
@@ -30,7 +29,6 @@ from mailwarden.core.types import TLSInfo
 
 MAX_REPLY_LINE = 4096  # bytes in one reply line; RFC 5321 says 512, servers exceed it
 MAX_REPLY_LINES = 200  # lines in one multi-line reply
-CHUNK_JOIN_MAX = 256 * 1024  # a message up to this size goes out in one write with BDAT
 MAX_QUEUED_REPLIES = 2048  # replies received but not yet read: more than we ever pipeline
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _FORBIDDEN_IN_COMMAND = re.compile(r"[\r\n\x00]")
@@ -108,7 +106,6 @@ class Transaction:
     data: Reply | None = None  # reply to the DATA command (354 expected)
     final: list[Reply] = field(default_factory=list)  # after the dot: 1 (SMTP) or n (LMTP)
     clean: bool = False  # the session is ready for a new transaction
-    chunked: bool = False  # sent as BDAT ... LAST (RFC 3030): no DATA reply, final = BDAT's
 
 
 class _ReplyProtocol(asyncio.Protocol):
@@ -283,7 +280,6 @@ class SMTPConnection:
         self.last_used = self.created
         self.broken = False
         self.reused = False  # set by the pool when an idle connection is handed out again
-        self.chunking = True  # use BDAT when the server offers CHUNKING and PIPELINING
 
     # Opening ---------------------------------------------------------------------------
     @classmethod
@@ -478,8 +474,6 @@ class SMTPConnection:
         mail_cmd = " ".join([f"MAIL FROM:<{mail_from}>", *mail_params])
         rcpt_cmds = [f"RCPT TO:<{r}>" for r in recipients]
         pipelining = self.has("PIPELINING")
-        if pipelining and self.chunking and self.has("CHUNKING"):
-            return await self._chunked(tx, mail_cmd, rcpt_cmds, message)
         lines = [mail_cmd, *rcpt_cmds, "DATA"] if pipelining else [mail_cmd]
         try:
             self._write(b"".join([_command(c) for c in lines]))
@@ -528,45 +522,6 @@ class SMTPConnection:
             tx.final.append(self._next())
         tx.clean = True
         self.uses += 1
-        return tx
-
-    async def _chunked(
-        self, tx: Transaction, mail_cmd: str, rcpt_cmds: list[str], message: bytes
-    ) -> Transaction:
-        """MAIL, RCPT..., ``BDAT <size> LAST`` and the message in one write (RFC 3030 with
-        RFC 2920): one round trip, no dot-stuffing. The server reads the counted octets
-        whatever it thought of MAIL and RCPT and answers BDAT once (LMTP: once per
-        accepted recipient), so the session stays in step and is clean afterwards."""
-        tx.chunked = True
-        body = normalise_line_ends(message)
-        if body and not body.endswith(b"\r\n"):
-            body += b"\r\n"  # as DATA would send it: the same bytes either way
-        lines = [mail_cmd, *rcpt_cmds]
-        head = b"".join([_command(c) for c in lines]) + b"BDAT %d LAST\r\n" % len(body)
-        try:
-            self._write(head + body if len(body) < CHUNK_JOIN_MAX else head)
-            if len(body) >= CHUNK_JOIN_MAX:
-                self._write(body)
-            await self._drain(self.data_timeout)
-            await self._wait(len(lines))
-            tx.mail = self._next()
-        except (ProtocolError, OSError) as exc:
-            if self.reused:
-                raise StaleConnection(str(exc)) from exc
-            raise
-        if tx.mail.code == 421 and self.reused:
-            self.broken = True
-            raise StaleConnection(str(tx.mail))
-        for _ in rcpt_cmds:
-            tx.rcpt.append(self._next())
-        accepted = sum(1 for r in tx.rcpt if r.code in (250, 251))
-        finals = accepted if self.lmtp and tx.mail.code == 250 and accepted else 1
-        await self._wait(finals, self.data_timeout)
-        for _ in range(finals):
-            tx.final.append(self._next())
-        tx.clean = True
-        if tx.mail.code == 250 and accepted:
-            self.uses += 1
         return tx
 
     async def _reset(self, tx: Transaction) -> None:
