@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from mailwarden.store.blocks import add_block, list_blocks
 from mailwarden.store.db import DB_THREADS
 from mailwarden.store.senders import add_sender, list_senders
 from mailwarden.store.users import add_user
+from tests.support.pgfault import PgBlackhole
 from tests.support.postgres import PgDatabase, admin_connect
 from tests.support.tmpdirs import poll
 
@@ -147,3 +150,31 @@ def test_writer_gives_up_at_lock_timeout(tmp_path: Path, pg: PgDatabase) -> None
         assert [b.address for b in list_blocks(db)] == ["192.0.2.1"]
     finally:
         db.close()
+
+
+def test_tcp_connections_carry_keepalives_and_a_user_timeout(
+    tmp_path: Path, pg: PgDatabase
+) -> None:
+    """Over TCP (through a pass-through port to the test server: the suite's network
+    namespace reaches PostgreSQL only by its Unix socket), the socket libpq opened has the
+    options a vanished server needs, read back from the kernel; the URL's own value wins."""
+    with PgBlackhole() as port:
+        port.pass_through()
+        url = port.url(pg.role, pg.name, query="keepalives_idle=45")
+        db = store.open(_config(tmp_path, url))
+        try:
+            with db.engine.connect() as conn:
+                assert conn.execute(text("SELECT 1")).scalar() == 1
+                raw = conn.connection.dbapi_connection
+                assert isinstance(raw, psycopg.Connection)
+                sock = socket.socket(fileno=os.dup(raw.pgconn.socket))
+                try:
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 45
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+                finally:
+                    sock.close()
+        finally:
+            db.close()

@@ -78,6 +78,18 @@ T = TypeVar("T")
 DB_THREADS = 2  # threads per process for database calls (SQLite has one writer anyway)
 DB_FILE = "mailwarden.db"
 CONNECT_TIMEOUT = 10  # seconds for a new PostgreSQL connection (libpq connect_timeout)
+# libpq's TCP options (ignored on Unix sockets; the URL's own win). Without them a server
+# host that vanishes while a query is in flight holds that connection, and the thread
+# waiting on it, for the kernel's retransmission timeout (about 15 minutes): with them a
+# query whose bytes go unacknowledged for 30 s fails, and an idle connection to a dead
+# host is noticed within about a minute (30 s idle + 3 probes 10 s apart).
+TCP_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 POOL_RECYCLE = 1800  # seconds; older PostgreSQL connections are replaced (idle firewalls)
 APPLICATION_NAME = "mailwarden"  # pg_stat_activity.application_name of our sessions
 SCHEMA_LOCK = 0x6D77_5343  # pg_advisory_xact_lock key held while the schema is created
@@ -228,6 +240,9 @@ def make_engine(
         args["connect_timeout"] = connect_timeout
     if "application_name" not in parsed.query:
         args["application_name"] = APPLICATION_NAME
+    for key, value in TCP_OPTIONS.items():  # a server that vanishes mid-connection
+        if key not in parsed.query:
+            args[key] = value
     return create_engine(
         parsed,
         pool_size=settings.pool_size,
