@@ -4,7 +4,8 @@ Each system accepts N messages of SIZE bytes from Postfix's ``smtp-source`` over
 concurrent sessions and relays them to ``smtp-sink``. Printed per system (median of
 ``--runs``): messages/second accepted (N / smtp-source time), end to end (N / time until the
 sink holds all N), p50/p99 transaction latency of a probe client running during the load,
-peak RSS of the process tree, and the ratio mailwarden/Postfix.
+peak RSS of the process tree, the tree's CPU per message over the measured window (user +
+system, reaped children included), and the ratio mailwarden/Postfix.
 
     .venv/bin/python bench/relay_bench.py [--messages 20000] [--sessions 100] [--runs 3]
 
@@ -33,6 +34,7 @@ from harness import (
     LatencyProbe,
     RssSampler,
     Sink,
+    cpu_seconds,
     free_port,
     mailwarden_config,
     percentile,
@@ -52,6 +54,7 @@ class Result:
     p99_ms: float
     peak_rss_mib: float
     probe_samples: int
+    cpu_ms_per_msg: float = 0.0
 
 
 def _measure(
@@ -66,12 +69,14 @@ def _measure(
 ) -> Result:
     rss = RssSampler(root_pid)
     probe = LatencyProbe(port)
+    cpu0 = cpu_seconds(root_pid)
     t0 = time.monotonic()
     probe.start()
     took = run_source(port, n, sessions, size, timeout=deadline)
     probe.stop()
     target = n + len(probe.samples)
     done = sink.wait(target, deadline)
+    cpu = cpu_seconds(root_pid) - cpu0
     peak = rss.stop()
     if done is None:
         raise RuntimeError(f"{system}: the sink got {sink.count} of {target} within {deadline}s")
@@ -83,6 +88,7 @@ def _measure(
         p99_ms=percentile(probe.samples, 99) * 1000,
         peak_rss_mib=peak / 1024,
         probe_samples=len(probe.samples),
+        cpu_ms_per_msg=cpu / target * 1000,
     )
 
 
@@ -139,6 +145,7 @@ def _median(results: list[Result]) -> Result:
         med("p99_ms"),
         med("peak_rss_mib"),
         int(med("probe_samples")),
+        med("cpu_ms_per_msg"),
     )
 
 
@@ -168,7 +175,8 @@ def main() -> int:
             print(
                 f"run {i + 1} {system:<10} accept {r.accepted_per_s:7.0f}/s  "
                 f"e2e {r.end_to_end_per_s:7.0f}/s  p50 {r.p50_ms:6.1f} ms  "
-                f"p99 {r.p99_ms:6.1f} ms  rss {r.peak_rss_mib:6.1f} MiB",
+                f"p99 {r.p99_ms:6.1f} ms  rss {r.peak_rss_mib:6.1f} MiB  "
+                f"cpu {r.cpu_ms_per_msg:.2f} ms/msg",
                 flush=True,
             )
     medians = {k: _median(v) for k, v in runs.items() if v}
@@ -177,6 +185,7 @@ def main() -> int:
         print(
             f"  {r.system:<10} accept {r.accepted_per_s:7.0f}/s  e2e {r.end_to_end_per_s:7.0f}/s"
             f"  p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:6.1f} ms  rss {r.peak_rss_mib:6.1f} MiB"
+            f"  cpu {r.cpu_ms_per_msg:.2f} ms/msg"
         )
     if len(medians) == 2:
         mw, pf = medians["mailwarden"], medians["postfix"]
