@@ -20,7 +20,13 @@ from mailwarden.core.events import MemorySink, set_sink
 from mailwarden.core.types import DeliveryStatus
 from mailwarden.queue import spool as spool_mod
 from mailwarden.queue.scheduler import Scheduler
-from mailwarden.queue.segment import LOG_DIR, marker_name, scan_segment, segment_seqs
+from mailwarden.queue.segment import (
+    LOG_DIR,
+    marker_name,
+    read_claims,
+    scan_segment,
+    segment_seqs,
+)
 from mailwarden.queue.spool import QueueState, Spool
 from tests.queue.helpers import ScriptedRouter, make_message, make_snapshot
 
@@ -160,6 +166,39 @@ async def test_done_lines_are_respected(tmp_path: Path) -> None:
     spool.close()
     again = recovered(tmp_path)
     assert sorted(again.ids(QueueState.ACTIVE)) == sorted(ids[:1] + ids[2:])
+
+
+@pytest.mark.asyncio
+async def test_done_lines_are_written_at_once_and_synced_together_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:  # records which descriptors got an fdatasync, then does it
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(spool_mod, "DONE_SYNC_DELAY", 0.05)
+    spool = log_spool(tmp_path)
+    ids = await fill(spool, 3)
+    monkeypatch.setattr(os, "fdatasync", spy)
+    for qid in ids[:2]:
+        assert await spool.complete(qid, has_journal=False)
+    # Visible to another process (the operator's commands, a recovery) right away ...
+    done = segments(tmp_path)[0].with_suffix(".done")
+    assert set(read_claims(done)) == set(ids[:2])
+    assert synced == []  # ... but not synced one by one
+    done_fd = spool._log.done_fds[spool._live_seq[ids[2]]]  # type: ignore[union-attr]
+    for _ in range(200):
+        if synced:
+            break
+        await asyncio.sleep(0.01)
+    assert synced == [done_fd]  # both lines, one fdatasync
+    assert await spool.complete(ids[2], has_journal=False)
+    spool.close()  # a clean stop syncs what is still pending
+    assert synced == [done_fd, done_fd]
+    assert recovered(tmp_path).ids(QueueState.ACTIVE) == []
 
 
 @pytest.mark.asyncio

@@ -18,9 +18,14 @@ records of a batch are appended with ``os.writev`` (at most ``IOV_MAX`` buffers 
 and covered by one ``fdatasync``; a new segment file (and its ``.done``) is created and
 the ``log/`` directory fsync'd before any record in it is written. A segment is sealed
 when the next record would take it past ``SEGMENT_BYTES``. Completions
-(``SegmentLog.done_batch``) append their ids to the segment's ``.done`` file, one
-``fdatasync`` per file and batch. A sealed segment whose every message left is retired
-(``retire``: the ``.seg`` is unlinked and ``log/`` fsync'd before the ``.done`` goes).
+(``SegmentLog.mark_done``) append their ids to the segment's ``.done`` file with one
+``write`` on the event loop; the spool ``fdatasync``s the written ``.done`` files at most
+``DONE_SYNC_DELAY`` later (one thread-pool call for all of them). A completion needs no
+``fdatasync`` of its own: a killed process loses nothing that ``write`` returned (the page
+cache survives it), and a power loss can only make a delivery of the last moments happen
+again, never lose a message (Postfix does not sync its queue file's removal either). A
+sealed segment whose every message left is retired (``retire``: the ``.seg`` is unlinked
+and ``log/`` fsync'd before the ``.done`` goes).
 
 Who owns a live message is decided by the first ``.done`` line naming it: the scheduler
 (plain line: delivered or materialised into a spool file) or the operator (``taken``:
@@ -28,7 +33,7 @@ moved to ``hold/`` or deleted). The operator creates its marker first, the sched
 checks the marker before it appends (and yields) and again after its append (then the
 ``.done`` file decides); see ``claim_winner``.
 
-Public names: ``SegmentLog``, ``LogWrite``, ``LogSeal``, ``LogDone``, ``Record``,
+Public names: ``SegmentLog``, ``LogWrite``, ``LogSeal``, ``Record``, ``sync_fds``,
 ``ScanResult``, ``scan_segment``, ``read_claims``, ``claim_winner``, ``segment_seqs``,
 ``seq_name``, ``marker_name``, ``SEGMENT_BYTES``, ``MAX_LOG_MESSAGE``,
 ``RETIRE_IDLE_BYTES``, ``LOG_DIR``, ``TAKEN_DIR``, ``TAKEN``.
@@ -226,6 +231,14 @@ def _writev_all(fd: int, bufs: list[bytes | memoryview]) -> None:
         pending = rest
 
 
+def sync_fds(fds: list[int]) -> None:
+    """``fdatasync`` each descriptor (thread pool). One that a retirement closed
+    meanwhile fails quietly: a retired segment's ``.done`` lines no longer matter."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.fdatasync(fd)
+
+
 # Batch jobs --------------------------------------------------------------------------------
 @dataclass(slots=True)
 class LogWrite:
@@ -247,23 +260,14 @@ class LogSeal:
     error: BaseException | None = None
 
 
-@dataclass(slots=True)
-class LogDone:
-    """Record that ``qid`` left segment ``seq``; ``won`` is False if the operator took it."""
-
-    qid: str
-    seq: int
-    won: bool = True
-    error: BaseException | None = None
-
-
 class SegmentLog:
     """The writer side of one shard's ``log/`` directory (one instance per process).
 
-    ``write_batch`` and ``done_batch`` run in the spool's thread pool, each serialised by
-    its group committer; ``own`` (segments this instance created, never recovered by it),
-    ``final`` (sealed segment -> number of records assigned to it) and ``done_fds`` are
-    shared with the event loop, which only reads them or removes retired entries."""
+    ``write_batch`` runs in the spool's thread pool, serialised by its group committer;
+    ``mark_done`` on the event loop. ``own`` (segments this instance created, never
+    recovered by it), ``final`` (sealed segment -> number of records assigned to it) and
+    ``done_fds`` are shared with the event loop, which only reads them or removes retired
+    entries."""
 
     def __init__(self, logdir: Path, *, fsync: bool, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.dir = logdir
@@ -275,6 +279,7 @@ class SegmentLog:
         self.own: set[int] = set()
         self.final: dict[int, int] = {}
         self.done_fds: dict[int, int] = {}
+        self._dirty: set[int] = set()  # segments with .done lines not yet synced
         self._fd = -1
         self._seq = 0
         self._last = 0
@@ -298,7 +303,8 @@ class SegmentLog:
 
     def taken(self, seq: int, qid: str) -> bool:
         """True if the operator's marker for ``qid`` exists (one ``access`` call, no
-        exception when it does not: this runs on the event loop before every delivery)."""
+        exception when it does not: this runs on the event loop before every delivery and
+        around every completion)."""
         return os.access(f"{self._taken}/{seq:016d}-{qid}", os.F_OK)
 
     def _taken_names(self) -> set[str]:
@@ -398,34 +404,24 @@ class SegmentLog:
             bufs += (header, prefix, job.data)
         self._flush(group, bufs, start)
 
-    def done_batch(self, jobs: list[LogDone]) -> None:
-        """Append the ids of a batch to their segments' ``.done`` files (one fdatasync per
-        file). A job whose message the operator is taking gets ``won = False``."""
-        by_seq: dict[int, list[LogDone]] = {}
-        for job in jobs:
-            by_seq.setdefault(job.seq, []).append(job)
-        before = self._taken_names()
-        for seq, group in by_seq.items():
-            try:
-                todo = []
-                for job in group:
-                    if marker_name(seq, job.qid) in before:
-                        job.won = False  # the operator got there first: yield
-                    else:
-                        todo.append(job)
-                if not todo:
-                    continue
-                fd = self.done_fds[seq]
-                _write_all(fd, b"".join(j.qid.encode("ascii") + b"\n" for j in todo))
-                if self.fsync:
-                    os.fdatasync(fd)
-                after = self._taken_names()
-                for job in todo:
-                    if marker_name(seq, job.qid) in after:  # a race: the first line decides
-                        job.won = claim_winner(self.done_path(seq), job.qid) == b""
-            except Exception as exc:
-                for job in group:
-                    job.error = exc
+    def mark_done(self, seq: int, qid: str) -> bool:
+        """Append ``qid`` to segment ``seq``'s ``.done`` file; False (nothing written) if
+        the operator is taking it. Runs on the event loop: an ``access``, one short
+        append ``write`` (page cache), an ``access`` -- no thread hop. The line is not
+        synced here: ``dirty_done_fds`` hands it to a later, shared ``fdatasync``."""
+        if self.taken(seq, qid):
+            return False  # the operator got there first: yield
+        _write_all(self.done_fds[seq], qid.encode("ascii") + b"\n")
+        self._dirty.add(seq)
+        if self.taken(seq, qid):  # a race: the first line decides
+            return claim_winner(self.done_path(seq), qid) == b""
+        return True
+
+    def dirty_done_fds(self) -> list[int]:
+        """The ``.done`` descriptors written since the last call (event loop side); pass
+        them to ``sync_fds`` in the thread pool."""
+        seqs, self._dirty = self._dirty, set()
+        return [fd for seq in seqs if (fd := self.done_fds.get(seq, -1)) >= 0]
 
     def retire(self, seq: int) -> None:
         """Delete a sealed segment none of whose messages is live any more."""
