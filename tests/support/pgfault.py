@@ -1,20 +1,31 @@
-"""Fault injector: a PostgreSQL server that does not answer (packets dropped on the way).
+"""Fault injector: a PostgreSQL server that does not answer (packets dropped on the way),
+or a connected one that stops answering (the path stalls).
 
 A real PostgreSQL always answers: it accepts, refuses (``ALLOW_CONNECTIONS false``, too
-many clients) or is gone (connection refused). A server behind a firewall that drops
-packets, or on a host that vanished, answers nothing, and a client waits for its whole
-connect timeout; that fault cannot be made with the real server, so this stands in for the
-network path to it. ``PgBlackhole()`` listens on 127.0.0.1 (a free port):
+many clients) or is gone (connection refused), and a statement it runs ends or is
+cancelled. A server behind a firewall that drops packets, or on a host that vanished,
+answers nothing, and a client waits for its whole connect timeout; a proxy (or a network
+path) that stops forwarding in the middle of a session leaves the client's bytes
+acknowledged by the kernel and its query unanswered, with no timeout of the server's or of
+TCP's ever firing. Those faults cannot be made with the real server, so this stands in for
+the network path to it. ``PgBlackhole()`` listens on 127.0.0.1 (a free port):
 
 - in the ``hole()`` mode (the default) every connection is accepted and never answered:
   what the client sends is kept, nothing comes back, the connection stays open until the
   client gives up;
 - ``pass_through()`` forwards the connections held so far (with what they sent) and every
   new one to the real test server's Unix socket (``tests.support.postgres.SOCKET_DIR``),
-  byte for byte both ways: the database is reachable from now on, and a connection attempt
-  that was waiting completes;
+  byte for byte both ways: the database is reachable from now on, a connection attempt
+  that was waiting completes, and a stalled path (below) flows again;
+- ``stall()`` the path stops: the forwarded connections stay open, but no byte is
+  forwarded in either direction. What a side sends is acknowledged by the kernel (it waits
+  in the injector's socket buffers) and kept, in order, until ``pass_through()`` forwards
+  it: a query made meanwhile is answered only then, the client waits for that answer. A
+  connection made during the stall is held as in ``hole()`` mode;
 - ``held()`` how many connections are held right now (accepted, unanswered, still open);
-  ``accepted`` how many were accepted in all;
+  ``stalled()`` how many directions of forwarded connections hold bytes right now because
+  of a stall (a client's query waiting to reach the server counts one); ``accepted`` how
+  many connections were accepted in all;
 - ``url(role, dbname, password)`` a TCP SQLAlchemy URL to it, ``close()`` closes
   everything.
 
@@ -37,17 +48,6 @@ POLL = 0.05  # seconds between checks of a held connection for the mode switch
 CHUNK = 65536
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy ``src`` to ``dst`` until EOF or an error, then half-close ``dst``."""
-    try:
-        while data := src.recv(CHUNK):
-            dst.sendall(data)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
 class PgBlackhole:
     """See the module docstring."""
 
@@ -57,6 +57,9 @@ class PgBlackhole:
         self._listener = socket.create_server((LOOPBACK, self.port), backlog=64)
         self._listener.settimeout(POLL)
         self._passing = threading.Event()
+        self._flowing = threading.Event()  # cleared by stall()
+        self._flowing.set()
+        self._waiting = 0  # pumps holding a chunk because of a stall
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._held: set[socket.socket] = set()
@@ -76,16 +79,29 @@ class PgBlackhole:
         self._passing.clear()
 
     def pass_through(self) -> None:
-        """Forward the held connections and every new one to the real server."""
+        """Forward the held connections and every new one to the real server; a stalled
+        path flows again (what it kept first)."""
         self._passing.set()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """No byte is forwarded either way (and new connections are held) until
+        ``pass_through()``: a query sent now is acknowledged and not answered."""
+        self._passing.set()
+        self._flowing.clear()
 
     def held(self) -> int:
         with self._lock:
             return len(self._held)
 
+    def stalled(self) -> int:
+        with self._lock:
+            return self._waiting
+
     def close(self) -> None:
         self._stop.set()
         self._passing.set()
+        self._flowing.set()
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
@@ -125,14 +141,14 @@ class PgBlackhole:
             self._start(self._serve, conn)
 
     def _hold(self, conn: socket.socket) -> bytes | None:
-        """Keep what the client sends until the mode is pass-through (the bytes so far) or
-        the client gives up (None)."""
+        """Keep what the client sends until the mode is pass-through, not stalled (the bytes
+        so far) or the client gives up (None)."""
         kept = bytearray()
         conn.settimeout(POLL)
         with self._lock:
             self._held.add(conn)
         try:
-            while not self._passing.is_set():
+            while not (self._passing.is_set() and self._flowing.is_set()):
                 try:
                     data = conn.recv(CHUNK)
                 except TimeoutError:
@@ -164,5 +180,24 @@ class PgBlackhole:
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        self._start(_pump, conn, upstream)
-        _pump(upstream, conn)
+        self._start(self._pump, conn, upstream)
+        self._pump(upstream, conn)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        """Copy ``src`` to ``dst`` until EOF or an error, then half-close ``dst``; while the
+        path is stalled, a chunk read waits here (and what follows in the kernel's buffer)."""
+        try:
+            while data := src.recv(CHUNK):
+                if not self._flowing.is_set():
+                    with self._lock:
+                        self._waiting += 1
+                    try:
+                        self._flowing.wait()
+                    finally:
+                        with self._lock:
+                            self._waiting -= 1
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
