@@ -1,7 +1,7 @@
 """The error tree of mailwarden. Every error carries a sentence an operator can act on.
 
 Public names: ``MailwardenError``, ``ConfigError``, ``QueueError``, ``SpoolCorrupt``,
-``DeliveryError``, ``AddressError``, ``StoreError``, ``StoreUnavailable``.
+``DeliveryError``, ``AddressError``, ``StoreError``, ``StoreUnavailable``, ``StoreTimeout``.
 Security: messages may quote untrusted input; callers print them escaped (``repr``).
 """
 
@@ -52,3 +52,10 @@ class StoreUnavailable(StoreError):
     """The database server cannot be reached right now (connection refused, timeout, too
     many connections, not accepting connections): worth retrying, unlike a bad URL, a
     missing database or an unusable SQLite path."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """A database call got no answer within its deadline (``[database] call_timeout``): the
+    server or the path to it is stalled. Handled like a server that is down (4xx, caches
+    kept); the thread running the call goes on until the server answers or the connection
+    breaks (``store.db.Store.call``)."""

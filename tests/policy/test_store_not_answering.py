@@ -14,6 +14,10 @@ something took.
   what needs the database (one ``policy.store_unavailable`` with ``pending``), and recovers
   from that same attempt once the server is reachable; ``close`` does not wait for it; a
   database found unusable in the background is an outage that is retried, not a crash.
+- A server that stops answering mid-session (``PgBlackhole.stall``: the path stalls, no
+  timeout of TCP's or the server's fires): each refresh gives up at ``[database]
+  call_timeout``, the caches stay and keep deciding, one ``policy.store_unavailable`` is
+  reported, a block decided meanwhile holds and is written once the path flows again.
 
 Untrusted input here is only the SMTP-side values the checks receive (addresses).
 """
@@ -25,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +41,7 @@ from mailwarden.core.types import Action, Decision, Envelope, Session
 from mailwarden.policy.engine import Policy
 from mailwarden.policy.networks import campus_networks
 from mailwarden.policy.state import PolicyState
+from mailwarden.store.blocks import list_blocks
 from mailwarden.store.reach import Answer, call_within, first_contact, run_detached
 from mailwarden.store.senders import add_sender
 from tests.support.pgfault import PgBlackhole
@@ -49,12 +55,12 @@ HOLD = "connect_timeout=600"  # the first attempt outlives the test
 DEADLINE = 60.0  # a test timeout, not an assertion on how long anything takes
 
 
-def _config(tmp_path: Path, url: str) -> Config:
+def _config(tmp_path: Path, url: str, policy: dict[str, Any] | None = None, **db: Any) -> Config:
     return default_config(
         gateway={"state_dir": str(tmp_path), "hosted_domains": ["example.edu"]},
         delivery={"transports": {"example.edu": "maildir"}},
-        database={"url": url},
-        policy={"campus_networks": ["127.0.0.1/32", "127.0.0.64/26"]},
+        database={"url": url} | db,
+        policy={"campus_networks": ["127.0.0.1/32", "127.0.0.64/26"]} | (policy or {}),
     )
 
 
@@ -238,4 +244,69 @@ async def test_unusable_database_found_in_the_background_is_retried(
         assert len(down) == 1 and down[0]["pending"] is True  # one outage
     finally:
         await state.close()
+        set_sink(previous)
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_server_keeps_the_caches(
+    tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole
+) -> None:
+    pg_database.reset()
+    admin = store.open(_config(tmp_path, pg_database.url))  # over the socket, not the hole
+    hole.pass_through()
+    url = hole.url(pg_database.role, pg_database.name, SECRET)
+    cfg = _config(tmp_path, url, {"registry_refresh": 0.1}, call_timeout=0.3)
+    add_sender(
+        admin, LAB, name="lab", domains=["lab.example.edu"], campus=campus_networks(cfg).networks
+    )
+    state = PolicyState(cfg)
+    policy = Policy(cfg, state=state)
+    sink, previous = MemorySink(), get_sink()
+    set_sink(sink)
+    try:
+        await policy.start()
+        assert not state.unavailable
+        relayed = await _rcpt(policy, LAB, "a@lab.example.edu", "d@outside.test")
+        assert relayed.action is Action.ACCEPT and relayed.control == Control.SU_1
+
+        hole.stall()  # connected, and from now on nothing answers
+        await _until(
+            "policy.store_unavailable",
+            lambda: any(e.name == "policy.store_unavailable" for e in sink.events),
+        )
+        [down] = [e.fields for e in sink.events if e.name == "policy.store_unavailable"]
+        assert "no answer from the database" in down["error"] and not down["since_start"]
+        assert SECRET not in down["error"] and ":***@127.0.0.1" in down["error"]
+        errors = [e.fields["error"] for e in sink.events if e.name == "policy.refresh_error"]
+        assert errors and set(errors) == {"StoreTimeout"}
+        assert any(e.name == "store.call_timeout" for e in sink.events)
+        # The caches still decide: the registered server relays, a block holds at once.
+        relayed = await _rcpt(policy, LAB, "a@lab.example.edu", "d@outside.test")
+        assert relayed.action is Action.ACCEPT and relayed.control == Control.SU_1
+        state.blocks.add(OUTSIDE, "harvest", time.time() + 600)
+        assert (await policy.check_connect(_session(OUTSIDE))).action is Action.REJECT
+        await _until(
+            "policy.store_error",
+            lambda: any(e.name == "policy.store_error" for e in sink.events),
+        )
+        [failed] = [e.fields for e in sink.events if e.name == "policy.store_error"]
+        assert failed["error"] == "StoreTimeout" and failed["client"] == OUTSIDE
+        assert hole.stalled() >= 1  # all of that while the path was still stalled
+        assert not any(e.name == "policy.store_recovered" for e in sink.events)
+
+        hole.pass_through()
+        await _until(
+            "policy.store_recovered",
+            lambda: any(e.name == "policy.store_recovered" for e in sink.events),
+        )
+        await _until(
+            "the block written",
+            lambda: OUTSIDE in [b.address for b in list_blocks(admin)],
+        )
+        names = [e.name for e in sink.events if e.name.startswith("policy.store_")]
+        assert names.count("policy.store_unavailable") == 1
+    finally:
+        hole.pass_through()
+        await policy.close()
+        admin.close()
         set_sink(previous)

@@ -1,8 +1,9 @@
 """The store on a real PostgreSQL server, what only PostgreSQL has: session settings from the
 config and the URL, a bounded pool, connections the server killed are replaced without an
 error, a database that is down fails fast (AUTH answers TEMPFAIL, the policy keeps its
-caches) and is used again as soon as it is back, and a writer gives up at ``lock_timeout``
-instead of hanging."""
+caches) and is used again as soon as it is back, a writer gives up at ``lock_timeout``
+and a statement at ``statement_timeout`` instead of hanging, and a server that stops
+answering mid-session (the path stalls: ``tests.support.pgfault``) is a call timeout."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from mailwarden.auth.database import DatabaseAuthenticator
 from mailwarden.auth.passwords import Hasher
 from mailwarden.auth.settings import Argon2Settings
 from mailwarden.config import Config, default_config
-from mailwarden.errors import StoreError
+from mailwarden.core.events import MemorySink, get_sink, set_sink
+from mailwarden.errors import StoreError, StoreTimeout
 from mailwarden.store.blocks import add_block, list_blocks
 from mailwarden.store.db import DB_THREADS
 from mailwarden.store.senders import add_sender, list_senders
@@ -178,3 +180,79 @@ def test_tcp_connections_carry_keepalives_and_a_user_timeout(
                     sock.close()
         finally:
             db.close()
+
+
+def test_statement_timeout_from_config_and_url(tmp_path: Path, pg: PgDatabase) -> None:
+    """``[database] statement_timeout`` on every session: the server cancels a statement
+    that runs longer; 0 turns it off; the URL's own ``options=`` win over the config."""
+    db = store.open(_config(tmp_path, pg.url, statement_timeout=0.2))
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "200ms"
+            with pytest.raises(OperationalError) as info:
+                conn.execute(text("SELECT pg_sleep(30)"))  # a test timeout, were it not cut
+            assert isinstance(info.value.orig, psycopg.errors.QueryCanceled)
+            assert "canceling statement due to statement timeout" in str(info.value.orig)
+        assert list_senders(db) == []  # the pool goes on with the next statement
+    finally:
+        db.close()
+
+    db = store.open(_config(tmp_path, pg.url, statement_timeout=0))
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "0"
+    finally:
+        db.close()
+
+    own = "&options=-c%20statement_timeout%3D4321%20-c%20lock_timeout%3D1234"
+    db = store.open(_config(tmp_path, pg.url + own, statement_timeout=0.2, busy_timeout=1.5))
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "4321ms"
+            assert conn.execute(text("SHOW lock_timeout")).scalar() == "1234ms"
+    finally:
+        db.close()
+
+
+def test_a_stalled_server_is_a_timeout_not_a_hang(tmp_path: Path, pg: PgDatabase) -> None:
+    """Connected, then the path to the server stalls (``PgBlackhole.stall``: what the client
+    sends is acknowledged, nothing comes back, no timeout of TCP's or the server's fires):
+    each call gives up at ``call_timeout`` (AUTH answers TEMPFAIL, the store reports the
+    timeout), and once the path flows again the same store answers, the stalled call
+    returns on its thread and its result is dropped."""
+    with PgBlackhole() as path:
+        path.pass_through()
+        cfg = _config(tmp_path, path.url(pg.role, pg.name), call_timeout=0.5)
+        db = store.open(cfg)
+        hasher = Hasher(FAST_ARGON2)
+        add_user(db, "alice", hasher.hash("pw-alice-1"), ["alice@example.edu"])
+        auth = DatabaseAuthenticator(db, hasher)
+        sink, previous = MemorySink(), get_sink()
+        set_sink(sink)
+
+        def events(name: str) -> list[dict[str, Any]]:
+            return [dict(e.fields) for e in sink.events if e.name == name]
+
+        async def login() -> AuthResult:  # a hang fails the test, not a duration
+            return await asyncio.wait_for(auth.authenticate("alice", "pw-alice-1"), 120)
+
+        try:
+            assert asyncio.run(login()) is AuthResult.OK
+            path.stall()
+            assert asyncio.run(login()) is AuthResult.TEMPFAIL  # SMTP: 454 4.7.0
+            assert path.stalled() >= 1  # answered while the query was still held
+            assert db.abandoned == 1
+            [timeout] = events("store.call_timeout")
+            assert timeout["function"] == "get_user" and timeout["started"] is True
+            assert events("auth.error") == [{"backend": "database", "error": "StoreTimeout"}]
+            with pytest.raises(StoreTimeout):  # the next call too, while it lasts
+                asyncio.run(db.call(list_senders, db))
+
+            path.pass_through()
+            poll(lambda: db.abandoned == 0, 60, what="the stalled calls to return")
+            assert len(events("store.call_returned")) == 2
+            assert asyncio.run(login()) is AuthResult.OK
+        finally:
+            path.pass_through()
+            set_sink(previous)
+            auth.close()  # closes db too

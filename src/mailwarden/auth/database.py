@@ -5,7 +5,9 @@ the hash is verified on a small private pool (argon2 is CPU and memory heavy: at
 ``HASH_THREADS`` run at once per process), so the event loop never blocks. A disabled account
 or an unknown login is ``INVALID`` after the same argon2 work as a wrong password (no login
 enumeration by timing). A hash made with old parameters is replaced after a successful
-login. A database error is ``TEMPFAIL``.
+login. A database error is ``TEMPFAIL``, and so is a database that does not answer a call
+within ``[database] call_timeout`` (``StoreTimeout``, a stalled server; ``[auth] timeout``
+bounds the whole AUTH as well, whichever comes first).
 
 Built without a store (``store=None``, the server was unreachable when the worker started)
 it answers ``TEMPFAIL`` and opens the store with ``opener`` on a later attempt: one

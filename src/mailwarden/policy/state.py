@@ -8,11 +8,12 @@ database's change serials moved (``mailwarden senders add`` in another process s
 within that time). New blocks are written to the database on its thread pool; the event
 loop never waits on the database or (with the memory backend) on counters.
 
-While the database is down (a PostgreSQL restart, say) the caches stay as they were: relay
-decisions keep being made from them and each failed refresh is a ``policy.refresh_error``
-event. A block that could not be written then (``policy.store_error``) stays in force in
-this worker and is written after the next successful refresh, so the other workers and
-nodes get it too.
+While the database is down (a PostgreSQL restart, say) or does not answer a call within
+``[database] call_timeout`` (``StoreTimeout``: a stalled server) the caches stay as they
+were: relay decisions keep being made from them and each failed refresh is a
+``policy.refresh_error`` event. A block that could not be written then
+(``policy.store_error``) stays in force in this worker and is written after the next
+successful refresh, so the other workers and nodes get it too.
 
 A database that cannot be reached when the worker starts (``StoreUnavailable``: PostgreSQL
 refusing, timing out, full) does not stop it: ``start`` returns with ``unavailable`` set,
@@ -211,6 +212,8 @@ class PolicyState:
                 emit("policy.refresh_error", error=type(exc).__name__)
                 if isinstance(exc, OperationalError):
                     self._down(error_reason(self.cfg.database, exc))
+                elif isinstance(exc, StoreUnavailable):  # StoreTimeout: already redacted
+                    self._down(str(exc))
             else:
                 self._up()
 

@@ -6,12 +6,24 @@ version and returns a ``Store``. ``Store.call(fn, *args)`` runs a blocking funct
 store's own small thread pool so the event loop never waits on the database; CLI commands
 call the same functions directly.
 
+A call has a deadline (``[database] call_timeout``, or ``timeout=``): a server that is
+connected but does not answer (a hung backend, a lock or I/O stall, a proxy that stopped
+forwarding) makes it raise ``StoreTimeout``, a ``StoreUnavailable``, so every caller
+answers as for a server that is down (AUTH ``454``, the policy keeps its caches), with a
+``store.call_timeout`` event. The thread running it cannot be interrupted: it stays busy
+until the server answers, ``statement_timeout`` cancels the statement or the connection
+breaks (behind a proxy that keeps acknowledging: perhaps never), then says so
+(``store.call_returned``) and its result is discarded. While every thread is held so,
+later calls wait for a free one and time out too (4xx, never a hang); ``close`` does not
+wait for such calls.
+
 PostgreSQL (``postgresql+psycopg://``): a bounded pool (``[database] pool_size``, no
 overflow) whose connections are pinged before use, so connections the server dropped (a
 restart, ``pg_terminate_backend``, an idle timeout) are replaced transparently; while the
 server is down each call fails fast with ``OperationalError`` (callers answer 4xx) and the
-first call after it is back succeeds. Every session gets ``lock_timeout`` (``busy_timeout``)
-and a ``connect_timeout``. Schema creation holds a transaction-scoped advisory lock, so
+first call after it is back succeeds. Every session gets ``lock_timeout`` (``busy_timeout``),
+``statement_timeout`` and a ``connect_timeout``; the URL's own ``options=`` come after
+ours, so they win. Schema creation holds a transaction-scoped advisory lock, so
 gateway nodes and CLI commands that start at once on an empty database do not collide.
 ``bump_serial`` increments in SQL (no lost update between two writers).
 
@@ -38,8 +50,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,8 +73,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from mailwarden.core.events import emit
 from mailwarden.core.sqlite import enable_wal
-from mailwarden.errors import StoreError, StoreUnavailable
+from mailwarden.errors import StoreError, StoreTimeout, StoreUnavailable
 from mailwarden.store.schema import (
     BLOCKS_SERIAL,
     SCHEMA_VERSION,
@@ -149,17 +164,83 @@ class Store:
         self.settings = settings
         self.label = label  # printable location (no password)
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._abandoned = 0  # see ``abandoned``
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` (blocking database work) off the event loop."""
+    @property
+    def abandoned(self) -> int:
+        """Calls whose caller stopped waiting (deadline passed, or cancelled) that still
+        hold one of the store's threads: waiting for a server that does not answer."""
+        with self._lock:
+            return self._abandoned
+
+    async def call(
+        self, fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` (blocking database work) off the event loop.
+
+        Waits at most ``timeout`` seconds (default ``[database] call_timeout``), then raises
+        ``StoreTimeout`` (a ``StoreUnavailable``) and emits ``store.call_timeout``. A call
+        still waiting for a free thread then is dropped; a running one cannot be
+        interrupted: its thread goes on until the server answers or the connection breaks
+        (``store.call_returned``), and its result is discarded."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="mw-db")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+        limit = self.settings.call_timeout if timeout is None else timeout
+        name = getattr(fn, "__name__", type(fn).__name__)
+        since = time.monotonic()
+        work = self._pool.submit(fn, *args, **kwargs)
+        future = asyncio.wrap_future(work)
+        try:
+            # asyncio.wait, not asyncio.timeout: it works outside a task too (smtp.aio)
+            done, _ = await asyncio.wait({future}, timeout=limit)
+        except BaseException:  # our caller was cancelled (an AUTH past [auth] timeout)
+            future.cancel()
+            self._abandon(work, name, since)
+            raise
+        future.cancel()  # done or not: our answer is decided below
+        if done or (work.done() and not work.cancelled()):  # (finished as the deadline passed)
+            return work.result()
+        started = self._abandon(work, name, since)
+        emit(
+            "store.call_timeout",
+            function=name,
+            timeout=limit,
+            started=started,
+            abandoned=self.abandoned,
+            threads=DB_THREADS,
+        )
+        raise StoreTimeout(f"no answer from the database {self.label} within {limit:g} s")
+
+    def _abandon(self, work: Future[Any], name: str, since: float) -> bool:
+        """Nobody waits for ``work`` any more: drop it if no thread has started it (False),
+        else (True) count it until its thread is free again."""
+        if work.cancel():  # still queued behind busy threads: it never runs
+            return False
+        with self._lock:
+            if work.done():  # finished just now
+                return True
+            self._abandoned += 1
+        work.add_done_callback(partial(self._returned, name, since))
+        return True
+
+    def _returned(self, name: str, since: float, work: Future[Any]) -> None:
+        """An abandoned call finished (on its thread): the thread is free again."""
+        with self._lock:
+            self._abandoned -= 1
+            left = self._abandoned
+        exc = work.exception()
+        emit(
+            "store.call_returned",
+            function=name,
+            seconds=round(time.monotonic() - since, 3),
+            error=type(exc).__name__ if exc is not None else None,
+            abandoned=left,
+        )
 
     def serial(self, key: str) -> int:
         """The change serial ``key`` (0 if never bumped)."""
@@ -168,8 +249,10 @@ class Store:
         return int(value) if value is not None else 0
 
     def close(self) -> None:
+        """Release the pool and the engine; calls that were abandoned are not waited for
+        (their server may never answer)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=not self.abandoned)
             self._pool = None
         self.engine.dispose()
 
@@ -230,11 +313,13 @@ def make_engine(
         event.listen(engine, "connect", _sqlite_pragmas(int(settings.busy_timeout * 1000)))
         return engine
     parsed = make_url(url)
-    lock_ms = int(settings.busy_timeout * 1000)
-    options = f"-c lock_timeout={lock_ms}"
+    options = (
+        f"-c lock_timeout={round(settings.busy_timeout * 1000)}"
+        f" -c statement_timeout={round(settings.statement_timeout * 1000)}"
+    )
     given = parsed.query.get("options")
-    if given:  # the operator's own options (from the URL) come first
-        options = f"{given if isinstance(given, str) else ' '.join(given)} {options}"
+    if given:  # the operator's own options (from the URL) come last: the server's last wins
+        options = f"{options} {given if isinstance(given, str) else ' '.join(given)}"
     args: dict[str, Any] = {"options": options}
     if "connect_timeout" not in parsed.query:
         args["connect_timeout"] = connect_timeout

@@ -10,6 +10,9 @@ Example (TOML)::
 An empty ``url`` (the default) is SQLite in WAL mode at ``state_dir/mailwarden.db``.
 ``start_wait`` bounds how long a starting gateway waits for a PostgreSQL server's first
 answer before it listens anyway (degraded, still connecting in the background).
+``call_timeout`` bounds how long the gateway's event loop waits for one database call (a
+server that is connected but does not answer: the caller answers as if it were down);
+``statement_timeout`` is PostgreSQL's, set on every session (0: off).
 
 Public names: ``DatabaseSettings``, ``redact_url``.
 Security: operator-supplied; the URL may carry a password (in the user part or as a
@@ -36,6 +39,10 @@ _URL = re.compile(r"^(sqlite|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
 _USERINFO = re.compile(r"(://[^:/@?]*:)[^@]*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 HIDDEN = "***"
+MIN_CALL_TIMEOUT = 0.01  # seconds; a deadline is required (no "0 = off")
+MAX_CALL_TIMEOUT = 600.0
+MIN_STATEMENT_TIMEOUT = 0.001  # PostgreSQL counts whole milliseconds
+MAX_STATEMENT_TIMEOUT = 86400.0
 
 
 def redact_url(url: str) -> str:
@@ -81,6 +88,32 @@ class DatabaseSettings(BaseModel):
     # How long `mailwarden serve` waits for a PostgreSQL server's first answer before it
     # listens anyway, degraded (0: never wait; config errors then show up as events).
     start_wait: Duration = Field(default=1.0, le=60.0)
+    # How long the gateway waits for one database call before it answers as if the database
+    # were down (4xx, caches kept); the call's thread goes on until the server answers.
+    call_timeout: Duration = 10.0
+    # PostgreSQL statement_timeout of every session: the server cancels a statement that
+    # runs longer (whole milliseconds; 0: off). The URL's own options= win.
+    statement_timeout: Duration = 30.0
+
+    @field_validator("call_timeout")
+    @classmethod
+    def _call_timeout(cls, v: float) -> float:
+        if not MIN_CALL_TIMEOUT <= v <= MAX_CALL_TIMEOUT:
+            raise ValueError(
+                f"call_timeout must be between {MIN_CALL_TIMEOUT:g}s and {MAX_CALL_TIMEOUT:g}s "
+                "(the gateway never waits for the database without a deadline)"
+            )
+        return v
+
+    @field_validator("statement_timeout")
+    @classmethod
+    def _statement_timeout(cls, v: float) -> float:
+        if v and not MIN_STATEMENT_TIMEOUT <= v <= MAX_STATEMENT_TIMEOUT:
+            raise ValueError(
+                "statement_timeout must be 0 (off) or between "
+                f"{MIN_STATEMENT_TIMEOUT:g}s (1 ms) and {MAX_STATEMENT_TIMEOUT:g}s (1 day)"
+            )
+        return v
 
     @field_validator("url")
     @classmethod
