@@ -2,7 +2,7 @@
 
 ``eicar()`` / ``gtube()`` assemble the test strings at run time (so no file in the repository
 carries them), ``plain(body)``, ``with_attachment(data, filename, ctype)``, ``zip_of(files)``,
-``ham()``, ``scan_input(raw, **envelope)``.
+``ham()``, ``scan_input(raw, **envelope)``, ``ParseSpy(monkeypatch)``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import zipfile
 from email import policy
 from email.message import EmailMessage
 
+import pytest
+
 from mailwarden.core.types import Direction
-from mailwarden.scan import ScanInput
+from mailwarden.scan import ScanInput, builtin
 
 CLIENT_IP = "192.0.2.10"
 HELO = "mail.example.org"
@@ -93,3 +95,18 @@ def scan_input(raw: bytes, direction: Direction = Direction.INBOUND, **kw: objec
     }
     facts.update(kw)
     return ScanInput(raw=raw, **facts)  # type: ignore[arg-type]
+
+
+class ParseSpy:
+    """Counts the built-in scanner's calls of the full MIME parser (``builtin.parse``),
+    which it still makes: tells whether a fast path took a message."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = builtin.parse
+
+        def spy(raw: bytes) -> object:
+            self.calls += 1
+            return real(raw)
+
+        monkeypatch.setattr(builtin, "parse", spy)

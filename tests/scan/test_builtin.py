@@ -13,7 +13,16 @@ import pytest
 from mailwarden.core.types import Symbol
 from mailwarden.scan import Action, BuiltinScanner, VerdictEngine
 from mailwarden.scan.builtin import scan_message
-from tests.scan.messages import eicar, gtube, ham, plain, scan_input, with_attachment, zip_of
+from tests.scan.messages import (
+    ParseSpy,
+    eicar,
+    gtube,
+    ham,
+    plain,
+    scan_input,
+    with_attachment,
+    zip_of,
+)
 
 ELF = b"\x7fELF\x02\x01\x01" + b"\0" * 57
 PE = b"MZ\x90\x00" + b"\0" * 60
@@ -224,20 +233,6 @@ def qp_text(body: bytes) -> bytes:
         b"Content-Type: text/plain; charset=us-ascii\r\n"
         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encoded + b"\r\n"
     )
-
-
-class ParseSpy:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import mailwarden.scan.builtin as builtin
-
-        self.calls = 0
-        real = builtin.parse
-
-        def spy(raw: bytes) -> object:
-            self.calls += 1
-            return real(raw)
-
-        monkeypatch.setattr(builtin, "parse", spy)
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,9 @@ import quopri
 import pytest
 
 from mailwarden.core.types import Symbol
-from mailwarden.scan import builtin
 from mailwarden.scan.builtin import scan_message
 from mailwarden.scan.mime import FAST_NESTING, MAX_PARTS, Part, parse, simple_multipart
-from tests.scan.messages import eicar, with_attachment, zip_of
+from tests.scan.messages import ParseSpy, eicar, with_attachment, zip_of
 
 CSV = b"".join(b"HIST%d,%d,C%d,%d\n" % (200 + i, i % 4 + 1, 100 + 3 * i, 20 + i) for i in range(40))
 
@@ -87,18 +86,6 @@ def full_walk(raw: bytes) -> tuple[list[Part], list[str]]:
 def fast_walk(raw: bytes) -> tuple[list[Part], list[str]] | None:
     tree = simple_multipart(raw)
     return None if tree is None else (list(tree.parts()), tree.defects)
-
-
-class ParseSpy:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        real = builtin.parse
-
-        def spy(raw: bytes) -> object:
-            self.calls += 1
-            return real(raw)
-
-        monkeypatch.setattr(builtin, "parse", spy)
 
 
 def names(symbols: list[Symbol]) -> list[str]:
