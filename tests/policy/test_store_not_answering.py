@@ -65,6 +65,24 @@ def _config(tmp_path: Path, url: str, policy: dict[str, Any] | None = None, **db
 
 
 @pytest.fixture
+def sink() -> Iterator[MemorySink]:
+    """The events of the test (the previous sink comes back afterwards)."""
+    events, previous = MemorySink(), get_sink()
+    set_sink(events)
+    yield events
+    set_sink(previous)
+
+
+def _lab_policy(admin: store.Store, cfg: Config) -> tuple[PolicyState, Policy]:
+    """The registered LAB server in the database, and a policy reading it through ``cfg``."""
+    add_sender(
+        admin, LAB, name="lab", domains=["lab.example.edu"], campus=campus_networks(cfg).networks
+    )
+    state = PolicyState(cfg)
+    return state, Policy(cfg, state=state)
+
+
+@pytest.fixture
 def hole() -> Iterator[PgBlackhole]:
     with PgBlackhole() as h:
         yield h
@@ -158,18 +176,12 @@ def test_first_contact_tells_silence_from_answers(
 
 @pytest.mark.asyncio
 async def test_start_does_not_wait_for_a_silent_server(
-    tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole
+    tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole, sink: MemorySink
 ) -> None:
     pg_database.reset()
     admin = store.open(_config(tmp_path, pg_database.url))  # over the socket, not the hole
     cfg = _config(tmp_path, hole.url(pg_database.role, pg_database.name, SECRET, HOLD))
-    add_sender(
-        admin, LAB, name="lab", domains=["lab.example.edu"], campus=campus_networks(cfg).networks
-    )
-    state = PolicyState(cfg)
-    policy = Policy(cfg, state=state)
-    sink, previous = MemorySink(), get_sink()
-    set_sink(sink)
+    state, policy = _lab_policy(admin, cfg)
     try:
         await policy.start(wait=0)  # returns with the first attempt still on its way
         assert state.unavailable and state.store is None
@@ -200,37 +212,30 @@ async def test_start_does_not_wait_for_a_silent_server(
     finally:
         await policy.close()
         admin.close()
-        set_sink(previous)
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("sink")
 async def test_close_does_not_wait_for_a_pending_attempt(
     tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole
 ) -> None:
     cfg = _config(tmp_path, hole.url(pg_database.role, pg_database.name, SECRET, HOLD))
     state = PolicyState(cfg)
-    sink, previous = MemorySink(), get_sink()
-    set_sink(sink)
-    try:
-        await state.start(wait=0)
-        await _until("the first attempt to reach the server", lambda: hole.held() == 1)
-        await state.close()  # returns although the attempt is still held
-        assert hole.held() == 1 and state.store is None
-    finally:
-        set_sink(previous)
+    await state.start(wait=0)
+    await _until("the first attempt to reach the server", lambda: hole.held() == 1)
+    await state.close()  # returns although the attempt is still held
+    assert hole.held() == 1 and state.store is None
 
 
 @pytest.mark.asyncio
 async def test_unusable_database_found_in_the_background_is_retried(
-    tmp_path: Path, pg_database: PgDatabase
+    tmp_path: Path, pg_database: PgDatabase, sink: MemorySink
 ) -> None:
     """Started without waiting, the first open then finds no such database: not a crash
     of the worker but an outage, retried, each try a ``policy.config_error`` with why."""
     missing = pg_database.url.replace(f"/{pg_database.name}?", "/mwtest_no_such_db?")
     state = PolicyState(_config(tmp_path, missing))
     state.retry_first = 0.05  # keep the test short; the default is RETRY_FIRST
-    sink, previous = MemorySink(), get_sink()
-    set_sink(sink)
     try:
         await state.start(wait=0)
         await _until(
@@ -244,25 +249,18 @@ async def test_unusable_database_found_in_the_background_is_retried(
         assert len(down) == 1 and down[0]["pending"] is True  # one outage
     finally:
         await state.close()
-        set_sink(previous)
 
 
 @pytest.mark.asyncio
 async def test_a_stalled_server_keeps_the_caches(
-    tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole
+    tmp_path: Path, pg_database: PgDatabase, hole: PgBlackhole, sink: MemorySink
 ) -> None:
     pg_database.reset()
     admin = store.open(_config(tmp_path, pg_database.url))  # over the socket, not the hole
     hole.pass_through()
     url = hole.url(pg_database.role, pg_database.name, SECRET)
     cfg = _config(tmp_path, url, {"registry_refresh": 0.1}, call_timeout=0.3)
-    add_sender(
-        admin, LAB, name="lab", domains=["lab.example.edu"], campus=campus_networks(cfg).networks
-    )
-    state = PolicyState(cfg)
-    policy = Policy(cfg, state=state)
-    sink, previous = MemorySink(), get_sink()
-    set_sink(sink)
+    state, policy = _lab_policy(admin, cfg)
     try:
         await policy.start()
         assert not state.unavailable
@@ -309,4 +307,3 @@ async def test_a_stalled_server_keeps_the_caches(
         hole.pass_through()
         await policy.close()
         admin.close()
-        set_sink(previous)
