@@ -47,6 +47,12 @@ def test_sigterm_stops_every_worker_cleanly(tmp_path: Path) -> None:
     parent = gw.proc.pid
     workers = _children(parent)
     assert len(workers) == 2
+    # The listening sockets are the supervisor's: the port answers before every worker has
+    # started. A worker still starting up when SIGTERM comes simply exits (it has nothing
+    # to finish); this test is about workers that are running.
+    poll(
+        lambda: len(gw.events("gateway.worker_started")) == 2, 60, what="both workers started"
+    )
     assert gw.send("a@example.org", ["u@example.edu"], b"Subject: x\r\n\r\nhi\r\n") == {}
     code = gw.stop()
     assert code == 0  # exited by itself on SIGTERM, not killed by the fixture's fallback
