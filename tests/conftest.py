@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from mailwarden.core.events import MemorySink, get_sink, set_sink
 from tests.support.dovecot import DovecotLMTP, dovecot_available
 from tests.support.postfix import PostfixInstance, postfix_available
 from tests.support.properties import active_profile, register_profiles
@@ -43,6 +44,15 @@ settings.load_profile(active_profile())
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         pytest.skip(f"{what} needs root (run the suite as root, as `make test` does)")
+
+
+@pytest.fixture
+def sink() -> Iterator[MemorySink]:
+    """The test's events in memory (the previous sink comes back afterwards)."""
+    previous, memory = get_sink(), MemorySink()
+    set_sink(memory)
+    yield memory
+    set_sink(previous)
 
 
 @pytest.fixture

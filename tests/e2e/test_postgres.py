@@ -68,10 +68,12 @@ def relay(gw: Gateway, source: str, sender: str, subject: str) -> None:
         assert c.sendmail(sender, [DAVE], message(sender, subject)) == {}
 
 
-def auth_reply(gw: Gateway, password: str = PASSWORD) -> tuple[int, smtplib.SMTP | None]:
+def auth_reply(
+    gw: Gateway, password: str = PASSWORD, timeout: float = 60
+) -> tuple[int, smtplib.SMTP | None]:
     """AUTH PLAIN as alice on the submission listener after STARTTLS: (code, the session
-    if it succeeded, for sending)."""
-    c = gw.smtp(gw.submission_port)
+    if it succeeded, for sending). ``timeout`` bounds every reply the client waits for."""
+    c = gw.smtp(gw.submission_port, timeout=timeout)
     c.ehlo()
     c.starttls(context=client_tls_context())
     c.ehlo()

@@ -21,12 +21,11 @@ over its Unix socket; the test database is dropped afterwards.
 
 from __future__ import annotations
 
-import smtplib
 from typing import Any
 
 from tests.e2e.test_auth import FAST, PASSWORD, user_cli
-from tests.e2e.test_postgres import POLICY
-from tests.support.gateway import Gateway, client_tls_context
+from tests.e2e.test_postgres import POLICY, auth_reply
+from tests.support.gateway import Gateway
 from tests.support.pgfault import PgBlackhole
 from tests.support.postgres import PgDatabase
 from tests.support.tmpdirs import poll
@@ -38,17 +37,11 @@ AUTH = dict(FAST) | {"timeout": "90s"}  # longer than the client waits: not what
 
 
 def auth_code(gw: Gateway) -> int:
-    """AUTH PLAIN as alice on the submission listener after STARTTLS: the reply code."""
-    with gw.smtp(gw.submission_port, timeout=CLIENT_TIMEOUT) as c:
-        c.ehlo()
-        c.starttls(context=client_tls_context())
-        c.ehlo()
-        c.user, c.password = "alice", PASSWORD
-        try:
-            code, _ = c.auth("PLAIN", c.auth_plain)
-        except smtplib.SMTPAuthenticationError as exc:
-            return exc.smtp_code
-        return code
+    """AUTH PLAIN as alice (the session is closed again): the reply code."""
+    code, c = auth_reply(gw, PASSWORD, timeout=CLIENT_TIMEOUT)
+    if c is not None:
+        c.quit()
+    return code
 
 
 def test_auth_answers_454_while_the_database_stalls(

@@ -36,7 +36,7 @@ import pytest
 from mailwarden import store
 from mailwarden.config import Config, default_config
 from mailwarden.core.controls import Control
-from mailwarden.core.events import MemorySink, get_sink, set_sink
+from mailwarden.core.events import MemorySink
 from mailwarden.core.types import Action, Decision, Envelope, Session
 from mailwarden.policy.engine import Policy
 from mailwarden.policy.networks import campus_networks
@@ -62,15 +62,6 @@ def _config(tmp_path: Path, url: str, policy: dict[str, Any] | None = None, **db
         database={"url": url} | db,
         policy={"campus_networks": ["127.0.0.1/32", "127.0.0.64/26"]} | (policy or {}),
     )
-
-
-@pytest.fixture
-def sink() -> Iterator[MemorySink]:
-    """The events of the test (the previous sink comes back afterwards)."""
-    events, previous = MemorySink(), get_sink()
-    set_sink(events)
-    yield events
-    set_sink(previous)
 
 
 def _lab_policy(admin: store.Store, cfg: Config) -> tuple[PolicyState, Policy]:

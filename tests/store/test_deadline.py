@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from mailwarden import store
 from mailwarden.config import Config, default_config
-from mailwarden.core.events import MemorySink, get_sink, set_sink
+from mailwarden.core.events import MemorySink
 from mailwarden.errors import StoreTimeout, StoreUnavailable
 from mailwarden.store.db import DB_THREADS
 from mailwarden.store.senders import list_senders
@@ -38,14 +38,6 @@ SHORT = 0.05  # the deadline given to calls that are meant to miss it
 
 def _config(tmp_path: Path, **database: Any) -> Config:
     return default_config(gateway={"state_dir": str(tmp_path)}, database=database)
-
-
-@pytest.fixture
-def sink() -> Iterator[MemorySink]:
-    previous, memory = get_sink(), MemorySink()
-    set_sink(memory)
-    yield memory
-    set_sink(previous)
 
 
 @pytest.fixture
