@@ -7,7 +7,9 @@ Real files in a temporary spool; ``ScriptedRouter`` as the transport."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,80 @@ async def test_batch_append_then_recover_materialises_every_message(tmp_path: Pa
     assert segments(tmp_path) == []
     assert [p.name for p in (tmp_path / "w0" / LOG_DIR).iterdir()] == ["taken"]
     assert os.listdir(again.dir(QueueState.INCOMING)) == []
+
+
+@pytest.mark.asyncio
+async def test_records_are_written_on_the_loop_and_only_synced_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, bool]] = []  # (call, on the event loop's thread)
+    real_writev, real_sync = os.writev, os.fdatasync
+
+    def writev(fd: int, bufs: Any) -> int:
+        calls.append(("writev", threading.current_thread() is threading.main_thread()))
+        return real_writev(fd, bufs)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(("fdatasync", threading.current_thread() is threading.main_thread()))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "writev", writev)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    spool = log_spool(tmp_path)
+    ids = await fill(spool, 8)
+    spool.close()
+    assert ("writev", True) in calls and ("fdatasync", False) in calls
+    assert ("writev", False) not in calls  # the thread pool does no append ...
+    assert ("fdatasync", True) not in calls  # ... and the loop never waits for the disk
+    check_intact(recovered(tmp_path), ids)
+
+
+class SyncFault:
+    """A fake for a fault the real disk will not produce on demand: ``fdatasync`` of a
+    ``.seg`` file fails with EIO while ``failing`` is set (other files sync normally)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.failing = False
+        self.failed = 0
+        self._real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", self)
+
+    def __call__(self, fd: int) -> None:
+        if self.failing and os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
+            self.failed += 1
+            raise OSError(errno.EIO, "injected: fdatasync failed")
+        self._real(fd)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_sync_fails_its_batch_cuts_it_off_and_seals_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault = SyncFault(monkeypatch)
+    spool = log_spool(tmp_path)
+    before = await fill(spool, 3)
+    [first] = segments(tmp_path)
+    size = first.stat().st_size
+    fault.failing = True
+    snaps = [make_snapshot(("a@example.edu", "b@example.edu")) for _ in range(4)]
+    results = await asyncio.gather(
+        *(spool.enqueue(s, body(s.queue_id)) for s in snaps), return_exceptions=True
+    )
+    fault.failing = False
+    assert fault.failed >= 1
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+    # The refused messages' records are gone again; the acknowledged ones are untouched.
+    assert first.stat().st_size == size
+    assert [r.qid for r in scan_segment(first.read_bytes()).records] == before
+    assert all(spool.locate(s.queue_id) is None for s in snaps)
+    # Nothing more goes into a segment whose sync failed: the next message opens another.
+    after = await fill(spool, 2)
+    assert len(segments(tmp_path)) == 2
+    assert [r.qid for r in scan_segment(segments(tmp_path)[1].read_bytes()).records] == after
+    spool.close()
+    again = recovered(tmp_path)
+    assert sorted(again.ids(QueueState.ACTIVE)) == sorted(before + after)
+    check_intact(again, before + after)
 
 
 @pytest.mark.asyncio

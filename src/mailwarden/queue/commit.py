@@ -5,8 +5,10 @@ None: only a directory fsync is wanted) is done and an fsync of the directory th
 *started* after the call has completed, so every rename or unlink done in the directory
 before the call is durable. Calls that arrive while a batch is on disk form the next
 batch: one call of ``do_jobs`` in the thread pool does all its jobs, then the directory is
-fsync'd once. A job reports its own failure in ``error``; a failed directory fsync fails
-the whole batch.
+fsync'd once. With ``prepare``, the batch's jobs are first done on the event loop by
+``prepare(jobs)``, which returns what is left for the thread pool (the fsyncs; None: nothing,
+and no thread hop). A job reports its own failure in ``error``; a failed directory fsync
+fails the whole batch.
 
 ``rename_noreplace`` (renameat2 ``RENAME_NOREPLACE``, with a fallback), ``start_writeback``
 (sync_file_range ``SYNC_FILE_RANGE_WRITE``: the fsyncs of a batch then share one journal
@@ -116,13 +118,16 @@ class GroupCommit(Generic[J]):
         self,
         path: Path,
         run: Callable[[Callable[[], None]], Any],
-        write: Callable[[list[J]], None],
+        write: Callable[[list[J]], None] | None,
         fsync: bool,
+        *,
+        prepare: Callable[[list[J]], Callable[[], None] | None] | None = None,
     ) -> None:
         self._path = path
         self._run = run
         self._write = write
         self._fsync = fsync
+        self._prepare = prepare
         self._waiters: list[tuple[J | None, asyncio.Future[None]]] = []
         self._running = False
         self._task: asyncio.Task[None] | None = None  # keeps the drain task referenced
@@ -137,10 +142,26 @@ class GroupCommit(Generic[J]):
         await fut
 
     def _batch(self, jobs: list[J]) -> None:
-        if jobs:
+        if jobs and self._write is not None:
             self._write(jobs)
         if self._fsync:
             fsync_dir(self._path)
+
+    def _blocking(self, jobs: list[J]) -> Callable[[], None] | None:
+        """What the batch leaves to the thread pool (``prepare`` did the rest here)."""
+        if self._prepare is None:
+            return functools.partial(self._batch, jobs)
+        blocking = self._prepare(jobs)
+        if not self._fsync:
+            return blocking
+        if blocking is None:
+            return functools.partial(fsync_dir, self._path)
+
+        def both() -> None:
+            blocking()
+            fsync_dir(self._path)
+
+        return both
 
     async def _drain(self) -> None:
         try:
@@ -148,7 +169,9 @@ class GroupCommit(Generic[J]):
                 batch, self._waiters = self._waiters, []
                 jobs = [job for job, _ in batch if job is not None]
                 try:
-                    await self._run(functools.partial(self._batch, jobs))
+                    blocking = self._blocking(jobs)
+                    if blocking is not None:
+                        await self._run(blocking)
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():

@@ -13,11 +13,15 @@ data), so materialising a record into a spool file is a plain write of those byt
 prefix CRC covers the header line and the envelope, the data CRC inside the header the
 data: a record is valid only when both match.
 
-Writing (``SegmentLog.write_batch``, in the spool's thread pool, one batch at a time): the
-records of a batch are appended with ``os.writev`` (at most ``IOV_MAX`` buffers per call)
-and covered by one ``fdatasync``; a new segment file (and its ``.done``) is created and
-the ``log/`` directory fsync'd before any record in it is written. A segment is sealed
-when the next record would take it past ``SEGMENT_BYTES``. Completions
+Writing, one batch at a time (the spool's group committer): ``SegmentLog.append`` runs on
+the event loop and appends the records of a batch with ``os.writev`` (at most ``IOV_MAX``
+buffers per call; a page-cache write); the ``LogSync`` it returns runs in the spool's
+thread pool and covers them with one ``fdatasync`` (after an ``fsync`` of ``log/`` when
+the batch created a segment and its ``.done``). Only that call leaves the event loop: a
+thread that also encoded and wrote the records had to win the GIL back from the loop at
+every step (measured: about 20 futex calls per batch). A record is acknowledged only after
+its sync. A segment is sealed when the next record would take it past ``SEGMENT_BYTES``,
+or after a failed sync. Completions
 (``SegmentLog.mark_done``) append their ids to the segment's ``.done`` file with one
 ``write`` on the event loop; the spool ``fdatasync``s the written ``.done`` files at most
 ``DONE_SYNC_DELAY`` later (one thread-pool call for all of them). A completion needs no
@@ -33,7 +37,7 @@ moved to ``hold/`` or deleted). The operator creates its marker first, the sched
 checks the marker before it appends (and yields) and again after its append (then the
 ``.done`` file decides); see ``claim_winner``.
 
-Public names: ``SegmentLog``, ``LogWrite``, ``LogSeal``, ``Record``, ``sync_fds``,
+Public names: ``SegmentLog``, ``LogWrite``, ``LogSeal``, ``LogSync``, ``Record``, ``sync_fds``,
 ``ScanResult``, ``scan_segment``, ``read_claims``, ``claim_winner``, ``segment_seqs``,
 ``seq_name``, ``marker_name``, ``SEGMENT_BYTES``, ``MAX_LOG_MESSAGE``,
 ``RETIRE_IDLE_BYTES``, ``LOG_DIR``, ``TAKEN_DIR``, ``TAKEN``.
@@ -260,11 +264,64 @@ class LogSeal:
     error: BaseException | None = None
 
 
+class LogSync:
+    """The durable half of one ``SegmentLog.append``: ``run()`` (thread pool) fsyncs
+    ``log/`` if a segment was created, then ``fdatasync``s each appended group's segment,
+    then closes the descriptors of segments sealed in the batch. The thread does nothing
+    else: every Python step it takes has to win the GIL back from the event loop.
+
+    A failed fdatasync fails its group's jobs; their records are cut off again
+    (``ftruncate`` and another fdatasync) and the next ``append`` seals the segment (after a
+    failed fsync the file's state is unknown; nothing more is appended to it)."""
+
+    __slots__ = ("close", "dir", "groups", "log")
+
+    def __init__(self, log: SegmentLog) -> None:
+        self.log = log
+        self.dir = False
+        self.groups: list[tuple[int, list[LogWrite], int]] = []  # (fd, jobs, start offset)
+        self.close: list[int] = []
+
+    def add(self, fd: int, group: list[LogWrite], start: int) -> None:
+        if group:
+            self.groups.append((fd, group, start))
+
+    def run(self) -> None:
+        error: BaseException | None = None
+        if self.dir:
+            try:
+                fsync_dir(self.log.dir)
+            except Exception as exc:
+                error = exc
+        cut: set[int] = set()  # descriptors already cut back (to their earliest failed record)
+        for fd, group, start in self.groups:
+            if error is None:
+                try:
+                    os.fdatasync(fd)
+                    continue
+                except Exception as exc:
+                    error = exc
+            # This group and every later one fail: a later group on the same segment
+            # sits behind the failed records and goes with them.
+            for job in group:
+                job.error = error
+            self.log._sync_failed = True
+            if fd not in cut:
+                cut.add(fd)
+                with contextlib.suppress(OSError):  # best effort: the segment is sealed
+                    os.ftruncate(fd, start)
+                    os.fdatasync(fd)
+        for fd in self.close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class SegmentLog:
     """The writer side of one shard's ``log/`` directory (one instance per process).
 
-    ``write_batch`` runs in the spool's thread pool, serialised by its group committer;
-    ``mark_done`` on the event loop. ``own`` (segments this instance created, never
+    ``append`` and ``mark_done`` run on the event loop, the ``LogSync`` that ``append``
+    returns in the spool's thread pool (serialised by the group committer: the loop does
+    not append again until it is done). ``own`` (segments this instance created, never
     recovered by it), ``final`` (sealed segment -> number of records assigned to it) and
     ``done_fds`` are shared with the event loop, which only reads them or removes retired
     entries."""
@@ -280,6 +337,8 @@ class SegmentLog:
         self.final: dict[int, int] = {}
         self.done_fds: dict[int, int] = {}
         self._dirty: set[int] = set()  # segments with .done lines not yet synced
+        self._dir_dirty = False  # a segment was created since log/ was last fsync'd
+        self._sync_failed = False  # set by a failed LogSync; the next append seals
         self._fd = -1
         self._seq = 0
         self._last = 0
@@ -313,67 +372,78 @@ class SegmentLog:
         except FileNotFoundError:
             return set()
 
-    # Writer (thread pool) --------------------------------------------------------------
+    # Writer (event loop; LogSync in the thread pool) ----------------------------------
     def _open(self) -> None:
+        """Create the next segment and its ``.done`` (event loop: two ``open`` calls). Their
+        names are made durable by the ``fsync`` of ``log/`` that the first batch's
+        ``LogSync`` does before any fdatasync, so before any record in them is
+        acknowledged."""
         seq = max(time.time_ns() // 1000, self._last + 1)
         path, done = self.path(seq), self.done_path(seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        dfd = -1
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             dfd = os.open(done, flags, FILE_MODE)
-            if self.fsync:
-                fsync_dir(self.dir)  # both names are durable before a record is acknowledged
         except BaseException:
             os.close(fd)
-            if dfd >= 0:
-                os.close(dfd)
-            for p in (path, done):
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         self._fd, self._seq, self._last, self._size, self._count = fd, seq, seq, 0, 0
+        self._dir_dirty = True
         self.own.add(seq)
         self.done_fds[seq] = dfd
 
-    def _seal(self) -> None:
+    def _seal(self, sync: LogSync | None = None) -> None:
+        """Stop appending to the current segment; its descriptor is closed now, or by
+        ``sync`` once its pending records are on disk."""
         if self._fd < 0:
             return
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if sync is not None and self.fsync:
+            sync.close.append(self._fd)
+        else:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._fd = -1
         self.final[self._seq] = self._count
 
-    def _flush(self, group: list[LogWrite], bufs: list[bytes | memoryview], start: int) -> None:
+    def _write(self, group: list[LogWrite], bufs: list[bytes | memoryview], start: int) -> bool:
+        """Append a group's records to the current segment (event loop, page cache); on a
+        failure the group fails and the segment is cut back to ``start``, or sealed."""
         if not group:
-            return
+            return True
         try:
             _writev_all(self._fd, bufs)
-            if self.fsync:
-                os.fdatasync(self._fd)
+            return True
         except Exception as exc:
             for job in group:
                 job.error = exc
             try:  # take the failed records out again; if that fails, seal the segment
                 os.ftruncate(self._fd, start)
                 self._size = start
-                if self.fsync:
-                    os.fdatasync(self._fd)
             except OSError:
                 self._seal()
+            return False
 
-    def write_batch(self, jobs: list[LogWrite | LogSeal]) -> None:
-        """Append the records of a batch (see the module docstring); failures go into the
-        jobs' ``error`` (a job with ``seq`` set counts towards its segment either way)."""
+    def append(self, jobs: list[LogWrite | LogSeal]) -> LogSync | None:
+        """Append the records of a batch on the event loop (see the module docstring) and
+        return the ``LogSync`` that makes them durable (None: nothing to sync). A job's
+        failure goes into its ``error`` (a job with ``seq`` set counts towards its segment
+        either way); the jobs of a sync that fails get its error then."""
+        if self._sync_failed:  # the last sync failed: never append behind a failed fsync
+            self._sync_failed = False
+            self._seal()
+        sync = LogSync(self)
         group: list[LogWrite] = []
         bufs: list[bytes | memoryview] = []
         start = 0
         for job in jobs:
             if isinstance(job, LogSeal):
-                self._flush(group, bufs, start)
+                if self._write(group, bufs, start):
+                    sync.add(self._fd, group, start)
                 group, bufs = [], []
                 if job.seq == self.current:
-                    self._seal()
+                    self._seal(sync)
                 continue
             try:
                 prefix, crc = encode(job.snapshot, job.data)
@@ -386,9 +456,10 @@ class SegmentLog:
                 )
                 size = len(header) + length
                 if self._fd < 0 or (self._size > 0 and self._size + size > self.segment_bytes):
-                    self._flush(group, bufs, start)
+                    if self._write(group, bufs, start):
+                        sync.add(self._fd, group, start)
                     group, bufs = [], []
-                    self._seal()
+                    self._seal(sync)
                     self._open()
             except Exception as exc:
                 job.error = exc
@@ -402,7 +473,13 @@ class SegmentLog:
             self._count += 1
             group.append(job)
             bufs += (header, prefix, job.data)
-        self._flush(group, bufs, start)
+        if self._write(group, bufs, start):
+            sync.add(self._fd, group, start)
+        if not self.fsync:
+            return None
+        sync.dir = self._dir_dirty
+        self._dir_dirty = False
+        return sync if sync.groups or sync.close or sync.dir else None
 
     def mark_done(self, seq: int, qid: str) -> bool:
         """Append ``qid`` to segment ``seq``'s ``.done`` file; False (nothing written) if

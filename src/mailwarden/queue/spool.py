@@ -410,9 +410,15 @@ class Spool:
         key = (id(asyncio.get_running_loop()), QueueState.ACTIVE, "log")
         committer = self._log_committers.get(key)
         if committer is None:
-            committer = GroupCommit(self._log.dir, self.run, self._log.write_batch, False)
+            committer = GroupCommit(self._log.dir, self.run, None, False, prepare=self._log_prepare)
             self._log_committers[key] = committer
         return committer
+
+    def _log_prepare(self, jobs: list[Any]) -> Callable[[], None] | None:
+        """Append a batch on the event loop; the thread pool only syncs it."""
+        assert self._log is not None
+        sync = self._log.append(jobs)
+        return None if sync is None else sync.run
 
     async def _log_append(self, snapshot: EnvelopeSnapshot, data: bytes) -> SpooledMessage:
         """Append a message to the current segment; return once it is fdatasync'd."""
