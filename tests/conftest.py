@@ -89,11 +89,17 @@ class PostfixFactory:
         return daemon_workdir(self.base / f"pf{len(self.made) + 1}", "mw-pf-")
 
     def downstream(
-        self, domains: list[str], users: list[str], *, port: int | None = None,
-        start: bool = True, **kw: Any,
+        self,
+        domains: list[str],
+        users: list[str],
+        *,
+        port: int | None = None,
+        start: bool = True,
+        **kw: Any,
     ) -> PostfixInstance:
-        p = PostfixInstance(self._dir(), "downstream", port=port, domains=domains,
-                            users=users, **kw)
+        p = PostfixInstance(
+            self._dir(), "downstream", port=port, domains=domains, users=users, **kw
+        )
         self.made.append(p)
         return p.start() if start else p
 

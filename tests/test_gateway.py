@@ -50,9 +50,7 @@ def test_sigterm_stops_every_worker_cleanly(tmp_path: Path) -> None:
     # The listening sockets are the supervisor's: the port answers before every worker has
     # started. A worker still starting up when SIGTERM comes simply exits (it has nothing
     # to finish); this test is about workers that are running.
-    poll(
-        lambda: len(gw.events("gateway.worker_started")) == 2, 60, what="both workers started"
-    )
+    poll(lambda: len(gw.events("gateway.worker_started")) == 2, 60, what="both workers started")
     assert gw.send("a@example.org", ["u@example.edu"], b"Subject: x\r\n\r\nhi\r\n") == {}
     code = gw.stop()
     assert code == 0  # exited by itself on SIGTERM, not killed by the fixture's fallback
@@ -86,13 +84,20 @@ def test_a_crashed_worker_is_restarted(tmp_path: Path) -> None:
         assert gw.proc is not None
         victim = _children(gw.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        gw.wait_event(lambda e: e["event"] == "gateway.worker_died" and e["pid"] == victim,
-                      what="worker_died event")
-        poll(lambda: len(_children(gw.proc.pid)) == 2 if gw.proc else False, 30,
-             what="a replacement worker")
+        gw.wait_event(
+            lambda e: e["event"] == "gateway.worker_died" and e["pid"] == victim,
+            what="worker_died event",
+        )
+        poll(
+            lambda: len(_children(gw.proc.pid)) == 2 if gw.proc else False,
+            30,
+            what="a replacement worker",
+        )
         for i in range(4):
-            assert gw.send("a@example.org", ["u@example.edu"],
-                           f"Subject: {i}\r\n\r\nhi\r\n".encode()) == {}
+            assert (
+                gw.send("a@example.org", ["u@example.edu"], f"Subject: {i}\r\n\r\nhi\r\n".encode())
+                == {}
+            )
         gw.wait_messages("u@example.edu", 4)
     finally:
         gw.stop()

@@ -65,9 +65,7 @@ def mailwarden(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def _config(tmp_path: Path, url: str) -> Path:
     p = tmp_path / "mw.toml"
-    p.write_text(
-        f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n\n[database]\nurl = "{url}"\n'
-    )
+    p.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n\n[database]\nurl = "{url}"\n')
     return p
 
 

@@ -23,9 +23,7 @@ def mailwarden(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _config(tmp_path: Path, url: str) -> Path:
     p = tmp_path / "mw.toml"
-    p.write_text(
-        f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n\n[database]\nurl = "{url}"\n'
-    )
+    p.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n\n[database]\nurl = "{url}"\n')
     return p
 
 
@@ -47,9 +45,7 @@ def test_malformed_url_is_not_echoed(tmp_path: Path) -> None:
     assert SECRET not in r.stderr + r.stdout
 
 
-def test_unreachable_database_error_hides_the_password(
-    tmp_path: Path, pg_database: object
-) -> None:
+def test_unreachable_database_error_hides_the_password(tmp_path: Path, pg_database: object) -> None:
     url = f"postgresql+psycopg://{ROLE}:{SECRET}@/mw_no_such_db?host={SOCKET_DIR}"
     cfg = _config(tmp_path, url)
     for args in (("senders", "list"), ("serve",)):

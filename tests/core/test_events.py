@@ -130,9 +130,9 @@ def test_clip_keeps_scalars_and_subclasses_of_str() -> None:
 def test_lines_escape_control_characters_and_never_lose_an_event() -> None:
     import json as _json
 
-    line = Event("x", {"helo": "evil\r\n{\"event\":\"forged\"}\x00", "u": "é\u2028"}).to_bytes()
+    line = Event("x", {"helo": 'evil\r\n{"event":"forged"}\x00', "u": "é\u2028"}).to_bytes()
     assert line.endswith(b"\n") and line.count(b"\n") == 1 and b"\r" not in line
-    assert _json.loads(line)["helo"] == "evil\r\n{\"event\":\"forged\"}\x00"
+    assert _json.loads(line)["helo"] == 'evil\r\n{"event":"forged"}\x00'
     # Values orjson refuses still give one parseable line (json fallback, ASCII only).
     for odd in (2**70, "lone \udc80 surrogate"):
         fallback = Event("y", {"v": odd}).to_bytes()

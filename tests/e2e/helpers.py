@@ -33,8 +33,7 @@ SAMPLE_BODY = (
     b"..two dots\r\n"
     b"\r\n"
     b"trailing spaces   \r\n"
-    b"\ttab-indented line\r\n"
-    + b"x" * 900 + b"\r\n"
+    b"\ttab-indented line\r\n" + b"x" * 900 + b"\r\n"
     b"From the start of a line (mbox-style From)\r\n"
     b"end.\r\n"
 )
@@ -79,15 +78,19 @@ def received_headers(raw: bytes) -> list[str]:
     return [" ".join(str(v).split()) for v in msg.get_all("Received") or []]
 
 
-def swaks(port: int, *args: str, data: bytes | None = None, timeout: float = 60
-          ) -> subprocess.CompletedProcess[str]:
+def swaks(
+    port: int, *args: str, data: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run swaks against 127.0.0.1:port; ``data`` (a raw message) is fed on stdin."""
     cmd = [SWAKS, "--server", f"127.0.0.1:{port}", "--helo", "swaks.client.test", *args]
     if data is not None:
         cmd += ["--data", "-"]
     return subprocess.run(
-        cmd, input=data.decode() if data is not None else None, capture_output=True,
-        text=True, timeout=timeout,
+        cmd,
+        input=data.decode() if data is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -102,7 +105,9 @@ def is_deferred(ev: dict[str, Any]) -> bool:
 
 def is_delivered(ev: dict[str, Any]) -> bool:
     return ev.get("event") == "delivery.result" and str(ev.get("status", "")).lower() in (
-        "delivered", "sent")
+        "delivered",
+        "sent",
+    )
 
 
 def dsn_parts(raw: bytes) -> tuple[Message, list[Message]]:
@@ -119,7 +124,8 @@ def dsn_parts(raw: bytes) -> tuple[Message, list[Message]]:
     else:
         blocks = [
             email.message_from_string(b, policy=email.policy.compat32)
-            for b in str(payload).replace("\r\n", "\n").split("\n\n") if b.strip()
+            for b in str(payload).replace("\r\n", "\n").split("\n\n")
+            if b.strip()
         ]
     return msg, blocks
 

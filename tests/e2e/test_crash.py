@@ -54,8 +54,9 @@ class Load:
         self.refused: set[str] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(THREADS)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(THREADS)
+        ]
         self.errors: list[str] = []
 
     def start(self) -> None:
@@ -72,13 +73,17 @@ class Load:
         for n in range(PER_THREAD):
             if self.stop.is_set() or time.monotonic() > end:
                 break
-            mid, msg = make_message("load@other.test", RECIPIENTS,
-                                    message_id=f"<crash-{index}-{n}@load.test>",
-                                    body=f"message {index}/{n}\r\n".encode() * 20)
+            mid, msg = make_message(
+                "load@other.test",
+                RECIPIENTS,
+                message_id=f"<crash-{index}-{n}@load.test>",
+                body=f"message {index}/{n}\r\n".encode() * 20,
+            )
             try:
                 if client is None:
-                    client = smtplib.SMTP("127.0.0.1", self.port, timeout=30,
-                                          local_hostname="load.test")
+                    client = smtplib.SMTP(
+                        "127.0.0.1", self.port, timeout=30, local_hostname="load.test"
+                    )
                     client.ehlo()
                 client.mail("load@other.test")
                 for r in RECIPIENTS:
@@ -124,8 +129,12 @@ def test_sigkill_during_load_loses_nothing(gateway_factory, workers):
     )
     load = Load(gw.smtp_port)
     load.start()
-    poll(lambda: len(load.acked) >= KILL_AFTER or not any(t.is_alive() for t in load.threads),
-         LOAD_DEADLINE, interval=0.01, what=f"{KILL_AFTER} acknowledged messages")
+    poll(
+        lambda: len(load.acked) >= KILL_AFTER or not any(t.is_alive() for t in load.threads),
+        LOAD_DEADLINE,
+        interval=0.01,
+        what=f"{KILL_AFTER} acknowledged messages",
+    )
     gw.kill()  # SIGKILL parent and workers at once, mid-load
     load.stop.set()
     load.join()
@@ -136,11 +145,15 @@ def test_sigkill_during_load_loses_nothing(gateway_factory, workers):
     # Wait until the queue is empty, then until every acknowledged message is there.
     gw.wait_queue_empty(deadline=180)
     for rcpt in RECIPIENTS:
-        poll(lambda r=rcpt: load.acked <= set(_mailbox_ids(gw, r)), 60,
-             what=f"every acknowledged message in {rcpt}'s mailbox")
+        poll(
+            lambda r=rcpt: load.acked <= set(_mailbox_ids(gw, r)),
+            60,
+            what=f"every acknowledged message in {rcpt}'s mailbox",
+        )
 
-    completed = {_bare(e.get("message_id")) for e in killed_events
-                 if e.get("event") == "queue.removed"}
+    completed = {
+        _bare(e.get("message_id")) for e in killed_events if e.get("event") == "queue.removed"
+    }
     report = []
     for rcpt in RECIPIENTS:
         ids = [_bare(m) for m in _mailbox_ids(gw, rcpt)]
@@ -151,13 +164,17 @@ def test_sigkill_during_load_loses_nothing(gateway_factory, workers):
         unexpected = set(counts) - acked - in_doubt
         dups = {m: c for m, c in counts.items() if c > 1}
         delivered_unrecorded = {
-            _bare(e.get("message_id")) for e in killed_events
-            if e.get("event") == "delivery.result" and e.get("recipient") == rcpt
+            _bare(e.get("message_id"))
+            for e in killed_events
+            if e.get("event") == "delivery.result"
+            and e.get("recipient") == rcpt
             and e.get("status") == "delivered"
         } - completed
         in_flight = len(delivered_unrecorded) + DELIVERY_CONCURRENCY * workers
-        report.append(f"{rcpt}: {len(ids)} files, {len(counts)} ids, {len(dups)} duplicated "
-                      f"(bound {in_flight})")
+        report.append(
+            f"{rcpt}: {len(ids)} files, {len(counts)} ids, {len(dups)} duplicated "
+            f"(bound {in_flight})"
+        )
         assert not missing, f"{rcpt} lost {len(missing)} acked messages: {sorted(missing)[:5]}"
         assert not unexpected, f"{rcpt} got messages never sent: {sorted(unexpected)[:5]}"
         assert all(c == 2 for c in dups.values()), f"{rcpt}: a message arrived 3+ times: {dups}"
@@ -166,8 +183,10 @@ def test_sigkill_during_load_loses_nothing(gateway_factory, workers):
         assert len(dups) <= in_flight, (
             f"{rcpt}: {len(dups)} duplicates exceed the in-flight bound {in_flight}: {dups}"
         )
-    print(f"crash test (workers={workers}): {len(load.acked)} acknowledged, "
-          f"{len(load.in_doubt)} in doubt; " + "; ".join(report))
+    print(
+        f"crash test (workers={workers}): {len(load.acked)} acknowledged, "
+        f"{len(load.in_doubt)} in doubt; " + "; ".join(report)
+    )
 
 
 def _bare(message_id: object) -> str:

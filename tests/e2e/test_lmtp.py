@@ -28,8 +28,11 @@ def test_lmtp_delivery_and_dsn_for_unknown_user(gateway_factory, dovecot_factory
         assert any("mailwarden.test" in r for r in received_headers(raw))
 
     # The unknown user: a DSN to the sender, from the null sender, per RFC 3464.
-    dsns = poll(lambda: [m for m in gw.messages(sender) if b"multipart/report" in m],
-                60, what="a DSN to the sender")
+    dsns = poll(
+        lambda: [m for m in gw.messages(sender) if b"multipart/report" in m],
+        60,
+        what="a DSN to the sender",
+    )
     assert len(dsns) == 1
     raw = dsns[0]
     assert header_value(raw, "Return-Path") in ("<>", None), "a DSN has the null sender"

@@ -66,8 +66,13 @@ def message(sender: str, to: str = RCPT, extra: str = "") -> bytes:
 
 
 def send(gw: Gateway, source: str, sender: str, rcpt: str, data: bytes) -> tuple[int, str]:
-    with smtplib.SMTP(LOOPBACK, gw.smtp_port, local_hostname="mail.sender.test", timeout=60,
-                      source_address=(source, 0)) as c:
+    with smtplib.SMTP(
+        LOOPBACK,
+        gw.smtp_port,
+        local_hostname="mail.sender.test",
+        timeout=60,
+        source_address=(source, 0),
+    ) as c:
         c.ehlo()
         c.mail(sender)
         code, text = c.rcpt(rcpt)
@@ -82,8 +87,11 @@ def send(gw: Gateway, source: str, sender: str, rcpt: str, data: bytes) -> tuple
 def header_fields(raw: bytes, name: str) -> list[str]:
     head = raw.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
     unfolded = re.sub(rb"\n[ \t]+", b" ", head).decode(errors="replace")
-    return [line.split(":", 1)[1].strip() for line in unfolded.split("\n")
-            if line.lower().startswith(name.lower() + ":")]
+    return [
+        line.split(":", 1)[1].strip()
+        for line in unfolded.split("\n")
+        if line.lower().startswith(name.lower() + ":")
+    ]
 
 
 def test_spf_pass_delivers_with_our_header_and_the_forged_one_removed(
@@ -91,8 +99,9 @@ def test_spf_pass_delivers_with_our_header_and_the_forged_one_removed(
 ) -> None:
     gw = gateway_factory(nameserver=zones.nameserver, extra=MAILAUTH)
     forged = "Authentication-Results: mailwarden.test; spf=pass smtp.mailfrom=paypal.com"
-    code, text = send(gw, "127.0.0.5", "alice@sender.test", RCPT,
-                      message("alice@sender.test", extra=forged))
+    code, text = send(
+        gw, "127.0.0.5", "alice@sender.test", RCPT, message("alice@sender.test", extra=forged)
+    )
     assert code == 250, text
     [delivered] = gw.wait_messages(RCPT)
     [ar] = header_fields(delivered, "Authentication-Results")
@@ -134,8 +143,13 @@ def test_outbound_mail_is_dkim_signed_and_verifies(
     txt = "".join(re.findall(r'"([^"]*)"', record))
     zones.set("mw1._domainkey.example.edu.", "TXT", f'"{txt}"')
     gw.start()
-    code, text = send(gw, "127.0.0.1", "carol@example.edu", "dave@remote.test",
-                      message("carol@example.edu", to="dave@remote.test"))
+    code, text = send(
+        gw,
+        "127.0.0.1",
+        "carol@example.edu",
+        "dave@remote.test",
+        message("carol@example.edu", to="dave@remote.test"),
+    )
     assert code == 250, text
     [delivered] = gw.wait_messages("dave@remote.test")
     [sig] = header_fields(delivered, "DKIM-Signature")
@@ -171,8 +185,11 @@ def test_arc_chain_is_validated_and_a_broken_one_still_delivered(
     code, text = send(gw, "127.0.0.5", "alice@sender.test", RCPT, sealed)
     assert code == 250, text
     [delivered] = gw.wait_messages(RCPT)
-    [ours] = [v for v in header_fields(delivered, "Authentication-Results")
-              if v.startswith("mailwarden.test;")]
+    [ours] = [
+        v
+        for v in header_fields(delivered, "Authentication-Results")
+        if v.startswith("mailwarden.test;")
+    ]
     assert "arc=pass (i=1 d=forwarder.test) header.oldest-pass=0" in ours
     assert "smtp.remote-ip=127.0.0.5" in ours and "dmarc=pass" in ours
 
@@ -182,8 +199,11 @@ def test_arc_chain_is_validated_and_a_broken_one_still_delivered(
     assert code == 250 and text.startswith("2.0.0"), text
     second = [m for m in gw.wait_messages(RCPT, 2) if b"minutes are elsewhere" in m]
     assert len(second) == 1
-    [ours] = [v for v in header_fields(second[0], "Authentication-Results")
-              if v.startswith("mailwarden.test;")]
+    [ours] = [
+        v
+        for v in header_fields(second[0], "Authentication-Results")
+        if v.startswith("mailwarden.test;")
+    ]
     assert 'arc=fail (i=1 d=forwarder.test) reason="message signature i=1 did not verify"' in ours
     results = [e["arc"] for e in gw.events("mailauth.result")]
     assert results == ["pass", "fail"]

@@ -38,8 +38,11 @@ def _check_stored(raw: bytes, sent: bytes, mid: str) -> None:
 def test_smtplib_to_maildir(gateway, mode):
     mid, msg = make_message("sender@other.test", [RCPT, "bob@example.edu"])
     refused = gateway.send(
-        "sender@other.test", [RCPT, "bob@example.edu"], msg,
-        starttls=mode == "starttls", implicit_tls=mode == "implicit",
+        "sender@other.test",
+        [RCPT, "bob@example.edu"],
+        msg,
+        starttls=mode == "starttls",
+        implicit_tls=mode == "implicit",
     )
     assert refused == {}
     for rcpt in (RCPT, "bob@example.edu"):
@@ -84,13 +87,21 @@ def test_swaks_pipelined_multiple_recipients(gateway):
     """PIPELINING: MAIL, several RCPTs (one refused) and DATA in one write."""
     rcpts = ["a1@example.edu", "a2@example.edu", "a3@example.edu"]
     mid, msg = make_message("p@other.test", rcpts)
-    res = swaks(gateway.smtp_port, "--pipeline", "--from", "p@other.test",
-                "--to", ",".join([*rcpts, "x@not-hosted.test"]), data=msg)
+    res = swaks(
+        gateway.smtp_port,
+        "--pipeline",
+        "--from",
+        "p@other.test",
+        "--to",
+        ",".join([*rcpts, "x@not-hosted.test"]),
+        data=msg,
+    )
     # swaks exits non-zero when a recipient is refused (relaying is denied): the others
     # must still get the message.
     assert "250" in res.stdout
-    assert any(line.startswith("<** 5") or line.startswith("<~** 5")
-               for line in res.stdout.splitlines()), res.stdout
+    assert any(
+        line.startswith("<** 5") or line.startswith("<~** 5") for line in res.stdout.splitlines()
+    ), res.stdout
     for r in rcpts:
         [raw] = gateway.wait_messages(r, 1)
         _check_stored(raw, msg, mid)
@@ -98,8 +109,7 @@ def test_swaks_pipelined_multiple_recipients(gateway):
 
 def test_size_refusal(gateway_factory):
     limit = 20_000
-    gw = gateway_factory(hosted={"example.edu": "maildir"},
-                         limits={"max_message_size": limit})
+    gw = gateway_factory(hosted={"example.edu": "maildir"}, limits={"max_message_size": limit})
     with gw.smtp() as c:
         code, resp = c.ehlo()
         assert code == 250

@@ -51,8 +51,7 @@ def test_expiry_sends_dsn_to_sender_never_to_null_sender(gateway_factory):
     dead = free_port()  # nothing listens here
     gw = gateway_factory(
         hosted={"example.edu": "maildir", DEPT: f"smtp:127.0.0.1:{dead}"},
-        queue={"max_lifetime": "3s", "min_backoff": "1s", "max_backoff": "1s",
-               "delay_warning": 0},
+        queue={"max_lifetime": "3s", "min_backoff": "1s", "max_backoff": "1s", "delay_warning": 0},
         delivery={"connect_timeout": "2s"},
     )
     sender = "henry@example.edu"
@@ -62,8 +61,11 @@ def test_expiry_sends_dsn_to_sender_never_to_null_sender(gateway_factory):
     null_mid, null_msg = make_message("", [f"ian@{DEPT}"], subject="from <>")
     assert gw.send("", [f"ian@{DEPT}"], null_msg) == {}
 
-    dsns = poll(lambda: [m for m in gw.messages(sender) if b"multipart/report" in m],
-                90, what="an expiry DSN")
+    dsns = poll(
+        lambda: [m for m in gw.messages(sender) if b"multipart/report" in m],
+        90,
+        what="an expiry DSN",
+    )
     raw = dsns[0]
     _, blocks = dsn_parts(raw)
     rcpt = [b for b in blocks[1:] if f"ian@{DEPT}" in b.get("Final-Recipient", "").lower()]
@@ -92,12 +94,12 @@ def test_restart_recovers_deferred_mail(gateway_factory, postfix_factory):
     )
     mids = []
     for i in range(5):
-        mid, msg = make_message("s@example.edu", [f"jo@{DEPT}", f"kim@{DEPT}"],
-                                subject=f"restart {i}")
+        mid, msg = make_message(
+            "s@example.edu", [f"jo@{DEPT}", f"kim@{DEPT}"], subject=f"restart {i}"
+        )
         assert gw.send("s@example.edu", [f"jo@{DEPT}", f"kim@{DEPT}"], msg) == {}
         mids.append(mid)
-    poll(lambda: sum(1 for e in gw.events() if is_deferred(e)) >= 1, 60,
-         what="deferred events")
+    poll(lambda: sum(1 for e in gw.events() if is_deferred(e)) >= 1, 60, what="deferred events")
     gw.stop()
     down.start()
     gw.start()

@@ -97,12 +97,21 @@ def test_queue_commands_see_and_take_messages_in_a_segment(
     # The downstream goes away: the hanging attempts end with a deferral. The kept
     # message is materialised into deferred/; the taken ones are not brought back.
     silent.close()
-    poll(lambda: _by_mid(gw.queue_list()).get(keep, {}).get("state") == "deferred", 90,
-         what="the kept message deferred")
-    gw.wait_event(lambda e: e.get("event") == "queue.deferred"
-                  and e.get("message_id") == gone, 90, what="the deleted message's attempt")
-    gw.wait_event(lambda e: e.get("event") == "queue.deferred"
-                  and e.get("message_id") == held, 90, what="the held message's attempt")
+    poll(
+        lambda: _by_mid(gw.queue_list()).get(keep, {}).get("state") == "deferred",
+        90,
+        what="the kept message deferred",
+    )
+    gw.wait_event(
+        lambda e: e.get("event") == "queue.deferred" and e.get("message_id") == gone,
+        90,
+        what="the deleted message's attempt",
+    )
+    gw.wait_event(
+        lambda e: e.get("event") == "queue.deferred" and e.get("message_id") == held,
+        90,
+        what="the held message's attempt",
+    )
     rows = _by_mid(gw.queue_list())
     assert set(rows) == {keep, held}, rows
     assert rows[held]["state"] == "hold"

@@ -120,7 +120,6 @@ class DovecotLMTP(MailboxReader):
             raise RuntimeError(f"dovecot did not start: {exc}\n{self.diagnostics()}") from exc
         return self
 
-
     def diagnostics(self) -> str:
         out = []
         for f in (self.workdir / "dovecot.stderr", self.log_path):

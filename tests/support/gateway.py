@@ -135,12 +135,21 @@ class Gateway(MailboxReader):
         self.config: dict[str, Any] = {
             "gateway": gw,
             "listener": [
-                {"name": "smtp", "address": LOOPBACK, "port": self.smtp_port,
-                 "tls": "starttls"},
-                {"name": "submission", "address": LOOPBACK, "port": self.submission_port,
-                 "tls": "starttls", "submission": True},
-                {"name": "smtps", "address": LOOPBACK, "port": self.smtps_port,
-                 "tls": "implicit", "submission": True},
+                {"name": "smtp", "address": LOOPBACK, "port": self.smtp_port, "tls": "starttls"},
+                {
+                    "name": "submission",
+                    "address": LOOPBACK,
+                    "port": self.submission_port,
+                    "tls": "starttls",
+                    "submission": True,
+                },
+                {
+                    "name": "smtps",
+                    "address": LOOPBACK,
+                    "port": self.smtps_port,
+                    "tls": "implicit",
+                    "submission": True,
+                },
             ],
             "delivery": dlv,
             "dns": {"nameservers": [self.nameserver], "timeout": "2s"},
@@ -266,15 +275,21 @@ class Gateway(MailboxReader):
         return "\n".join(parts)
 
     # Talking SMTP -----------------------------------------------------------------------
-    def smtp(self, port: int | None = None, *, implicit_tls: bool = False,
-             timeout: float = 60) -> smtplib.SMTP:
+    def smtp(
+        self, port: int | None = None, *, implicit_tls: bool = False, timeout: float = 60
+    ) -> smtplib.SMTP:
         """A connected smtplib client (caller does EHLO/STARTTLS)."""
         if implicit_tls:
-            return smtplib.SMTP_SSL(LOOPBACK, port or self.smtps_port,
-                                    local_hostname="client.test", timeout=timeout,
-                                    context=client_tls_context())
-        return smtplib.SMTP(LOOPBACK, port or self.smtp_port, local_hostname="client.test",
-                            timeout=timeout)
+            return smtplib.SMTP_SSL(
+                LOOPBACK,
+                port or self.smtps_port,
+                local_hostname="client.test",
+                timeout=timeout,
+                context=client_tls_context(),
+            )
+        return smtplib.SMTP(
+            LOOPBACK, port or self.smtp_port, local_hostname="client.test", timeout=timeout
+        )
 
     def send(
         self,
@@ -312,7 +327,9 @@ class Gateway(MailboxReader):
     def wait_event(self, predicate: Any, deadline: float = 60.0, what: str = "") -> dict:
         return poll(
             lambda: next((e for e in self.events() if predicate(e)), None),
-            deadline, interval=0.2, what=what or "an event",
+            deadline,
+            interval=0.2,
+            what=what or "an event",
         )
 
     # The gateway's own Maildir delivery -------------------------------------------------
@@ -322,12 +339,14 @@ class Gateway(MailboxReader):
         """``mailwarden ARGS -c CONFIG`` as the operator would run it."""
         res = subprocess.run(
             [sys.executable, "-m", "mailwarden", *args, "-c", str(self.config_file)],
-            capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            cwd=self.workdir,
         )
         if check and res.returncode != 0:
             raise RuntimeError(
-                f"mailwarden {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n"
-                f"{res.stderr}"
+                f"mailwarden {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
             )
         return res
 
@@ -345,5 +364,9 @@ class Gateway(MailboxReader):
         self.cli("queue", "flush")
 
     def wait_queue_empty(self, deadline: float = 120.0) -> None:
-        poll(lambda: self.queue_list() == [], deadline, interval=0.5,
-             what="the gateway's queue to empty")
+        poll(
+            lambda: self.queue_list() == [],
+            deadline,
+            interval=0.5,
+            what="the gateway's queue to empty",
+        )

@@ -85,7 +85,7 @@ class MailboxReader:
         from tests.support.tmpdirs import poll
 
         return poll(
-            lambda: (m if len(m := self.messages(address)) >= count else None),
+            lambda: m if len(m := self.messages(address)) >= count else None,
             deadline,
             what=f"{count} message(s) for {address} in {self.mailbox_label}",
         )

@@ -71,8 +71,9 @@ def wait_closed(port: int, host: str = LOOPBACK, deadline: float = 30.0) -> None
     raise TimeoutError(f"{host}:{port} still accepts after {deadline} s")
 
 
-def wait_greeting(port: int, host: str = LOOPBACK, deadline: float = 30.0,
-                  what: str = "SMTP") -> None:
+def wait_greeting(
+    port: int, host: str = LOOPBACK, deadline: float = 30.0, what: str = "SMTP"
+) -> None:
     """Wait until a server on ``host:port`` answers with a ``220`` greeting, then QUIT."""
     end = time.monotonic() + deadline
     while True:

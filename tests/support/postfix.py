@@ -60,10 +60,24 @@ def make_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     if not cert.exists():
         subprocess.run(
             [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30",
-                "-subj", f"/CN={hostname}", "-addext", f"subjectAltName=DNS:{hostname}",
-                "-keyout", str(key), "-out", str(cert),
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                f"/CN={hostname}",
+                "-addext",
+                f"subjectAltName=DNS:{hostname}",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
             ],
             check=True,
             capture_output=True,
@@ -200,10 +214,10 @@ class PostfixInstance(MailboxReader):
             wait_greeting(self.port, self.host, START_DEADLINE, "SMTP")
         except Exception as exc:
             self.stop()
-            raise RuntimeError(f"postfix ({self.role}) did not start: {exc}\n"
-                               f"{self.diagnostics()}") from exc
+            raise RuntimeError(
+                f"postfix ({self.role}) did not start: {exc}\n{self.diagnostics()}"
+            ) from exc
         return self
-
 
     @property
     def running(self) -> bool:
@@ -258,8 +272,16 @@ class PostfixInstance(MailboxReader):
     def sendmail(self, sender: str, recipients: list[str], message: bytes) -> None:
         """Inject ``message`` with ``sendmail -C CONFIG_DIR`` (postdrop + pickup)."""
         subprocess.run(
-            ["/usr/sbin/sendmail", "-C", str(self.config_dir), "-f", sender, "-i", "--",
-             *recipients],
+            [
+                "/usr/sbin/sendmail",
+                "-C",
+                str(self.config_dir),
+                "-f",
+                sender,
+                "-i",
+                "--",
+                *recipients,
+            ],
             input=message,
             check=True,
             capture_output=True,
@@ -289,8 +311,12 @@ class PostfixInstance(MailboxReader):
         )
 
     def wait_queue_empty(self, deadline: float = 120.0) -> None:
-        poll(lambda: self.queue() == [], deadline, interval=0.5,
-             what=f"empty queue of postfix {self.role}")
+        poll(
+            lambda: self.queue() == [],
+            deadline,
+            interval=0.5,
+            what=f"empty queue of postfix {self.role}",
+        )
 
     # Reading delivered mail (downstream) ----------------------------------------------
 
@@ -299,12 +325,11 @@ def downstream(
     workdir: Path, domains: list[str], users: list[str], port: int | None = None, **kw: object
 ) -> PostfixInstance:
     """A departmental server for ``domains`` with the given mailbox ``users``."""
-    return PostfixInstance(workdir, "downstream", port=port, domains=domains, users=users,
-                           **kw)  # type: ignore[arg-type]
+    return PostfixInstance(workdir, "downstream", port=port, domains=domains, users=users, **kw)  # type: ignore[arg-type]
 
 
-def upstream(workdir: Path, relay_port: int, port: int | None = None, **kw: object
-             ) -> PostfixInstance:
+def upstream(
+    workdir: Path, relay_port: int, port: int | None = None, **kw: object
+) -> PostfixInstance:
     """A campus server that relays all mail to ``[127.0.0.1]:relay_port``."""
-    return PostfixInstance(workdir, "upstream", port=port, relay_port=relay_port,
-                           **kw)  # type: ignore[arg-type]
+    return PostfixInstance(workdir, "upstream", port=port, relay_port=relay_port, **kw)  # type: ignore[arg-type]
