@@ -22,6 +22,9 @@ the network path to it. ``PgBlackhole()`` listens on 127.0.0.1 (a free port):
   in the injector's socket buffers) and kept, in order, until ``pass_through()`` forwards
   it: a query made meanwhile is answered only then, the client waits for that answer. A
   connection made during the stall is held as in ``hole()`` mode;
+  ``stall(existing_only=True)`` stalls only the connections forwarded so far and forwards
+  new ones (a path whose old flows are black-holed while new ones get through: a lost NAT
+  or conntrack entry, a failover);
 - ``held()`` how many connections are held right now (accepted, unanswered, still open);
   ``stalled()`` how many directions of forwarded connections hold bytes right now because
   of a stall (a client's query waiting to reach the server counts one); ``accepted`` how
@@ -57,8 +60,9 @@ class PgBlackhole:
         self._listener = socket.create_server((LOOPBACK, self.port), backlog=64)
         self._listener.settimeout(POLL)
         self._passing = threading.Event()
-        self._flowing = threading.Event()  # cleared by stall()
+        self._flowing = threading.Event()  # cleared by stall(): new connections are held
         self._flowing.set()
+        self._paths: list[threading.Event] = []  # per forwarded connection, cleared by stall()
         self._waiting = 0  # pumps holding a chunk because of a stall
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -82,13 +86,21 @@ class PgBlackhole:
         """Forward the held connections and every new one to the real server; a stalled
         path flows again (what it kept first)."""
         self._passing.set()
-        self._flowing.set()
+        with self._lock:
+            self._flowing.set()
+            for path in self._paths:
+                path.set()
 
-    def stall(self) -> None:
-        """No byte is forwarded either way (and new connections are held) until
-        ``pass_through()``: a query sent now is acknowledged and not answered."""
+    def stall(self, *, existing_only: bool = False) -> None:
+        """No byte is forwarded either way (and new connections are held, unless
+        ``existing_only``) until ``pass_through()``: a query sent now is acknowledged and
+        not answered."""
         self._passing.set()
-        self._flowing.clear()
+        with self._lock:
+            if not existing_only:
+                self._flowing.clear()
+            for path in self._paths:
+                path.clear()
 
     def held(self) -> int:
         with self._lock:
@@ -101,7 +113,10 @@ class PgBlackhole:
     def close(self) -> None:
         self._stop.set()
         self._passing.set()
-        self._flowing.set()
+        with self._lock:
+            self._flowing.set()
+            for path in self._paths:
+                path.set()
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
@@ -171,8 +186,12 @@ class PgBlackhole:
             return
         conn.settimeout(None)
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        flowing = threading.Event()  # this connection's path (stall() clears it)
         with self._lock:
             self._sockets.append(upstream)
+            if self._flowing.is_set():  # (a full stall() since _hold: held as it says)
+                flowing.set()
+            self._paths.append(flowing)
         try:
             upstream.connect(self.target)
             upstream.sendall(kept)
@@ -180,19 +199,19 @@ class PgBlackhole:
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        self._start(self._pump, conn, upstream)
-        self._pump(upstream, conn)
+        self._start(self._pump, conn, upstream, flowing)
+        self._pump(upstream, conn, flowing)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, flowing: threading.Event) -> None:
         """Copy ``src`` to ``dst`` until EOF or an error, then half-close ``dst``; while the
         path is stalled, a chunk read waits here (and what follows in the kernel's buffer)."""
         try:
             while data := src.recv(CHUNK):
-                if not self._flowing.is_set():
+                if not flowing.is_set():
                     with self._lock:
                         self._waiting += 1
                     try:
-                        self._flowing.wait()
+                        flowing.wait()
                     finally:
                         with self._lock:
                             self._waiting -= 1
