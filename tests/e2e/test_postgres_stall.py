@@ -10,9 +10,10 @@ would make the client give up and the test fail. No duration is asserted.
 
 The gateway (one worker) on PostgreSQL: alice authenticates (``235``); the path stalls;
 AUTH answers ``454 4.7.0`` while the query is still held (events ``store.call_timeout`` and
-``auth.error`` with ``StoreTimeout``), the policy reports the outage from its refresh and
-keeps deciding from its caches; the path flows again: the held call returns
-(``store.call_returned``), the policy recovers and AUTH succeeds again, without a restart.
+``auth.error`` with ``StoreTimeout``), the query's connection is interrupted and its thread
+is back while the path still stalls (``store.call_interrupted``, ``store.call_returned``),
+the policy reports the outage from its refresh and keeps deciding from its caches; the path
+flows again: the policy recovers and AUTH succeeds again, without a restart.
 The URL's password and alice's are never printed.
 
 Security: the gateway and the injector listen on 127.0.0.1 only; PostgreSQL is reached
@@ -78,14 +79,17 @@ def test_auth_answers_454_while_the_database_stalls(
                 what="the policy's refresh to report the outage",
             )
             assert "no answer from the database" in down["error"]
-            assert gw.events("store.call_returned") == []
+            # Its connection interrupted, the AUTH query's thread is back, the path still stalled.
+            gw.wait_event(
+                lambda e: e.get("event") == "store.call_returned" and e["function"] == "get_user",
+                what="the held AUTH query's thread to come back",
+            )
+            interrupted = gw.events("store.call_interrupted")
+            assert [e["connections"] for e in interrupted if e["function"] == "get_user"] == [1]
+            assert path.stalled() >= 1
         finally:
             path.pass_through()
 
-        gw.wait_event(
-            lambda e: e.get("event") == "store.call_returned" and e["function"] == "get_user",
-            what="the held AUTH query to return",
-        )
         gw.wait_event(
             lambda e: e.get("event") == "policy.store_recovered", what="the policy to recover"
         )

@@ -2,12 +2,13 @@
 
 A database call that does not return in time is a ``StoreTimeout`` (a ``StoreUnavailable``:
 what every caller already answers as "database down") with a ``store.call_timeout`` event;
-the thread running it cannot be interrupted, so it is counted as abandoned until it
-returns (``store.call_returned``), a call still waiting for a thread when its deadline
+on SQLite the thread running it is not interrupted, so it is counted as abandoned until
+it returns (``store.call_returned``), a call still waiting for a thread when its deadline
 passes never runs, every thread held means every later call times out too (never a hang),
 and ``close`` does not wait for an abandoned call. The blocking functions here stand for a
 server that does not answer: they wait on an event the test sets (the PostgreSQL stall
-itself is in tests/store/test_postgres.py).
+itself, and the interruption of its connection, are in tests/store/test_postgres.py and
+tests/store/test_interrupt.py).
 
 Also the validation of ``call_timeout`` and ``statement_timeout``. No untrusted input.
 """
@@ -84,6 +85,7 @@ def test_a_call_past_its_deadline_is_store_timeout(db: store.Store, sink: Memory
             "threads": DB_THREADS,
         }
         assert _fields(sink, "store.call_returned") == []
+        assert _fields(sink, "store.call_interrupted") == []  # SQLite: nothing to interrupt
     finally:
         release.set()
     poll(lambda: _fields(sink, "store.call_returned"), DEADLINE, what="store.call_returned")

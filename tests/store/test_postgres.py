@@ -3,7 +3,8 @@ config and the URL, a bounded pool, connections the server killed are replaced w
 error, a database that is down fails fast (AUTH answers TEMPFAIL, the policy keeps its
 caches) and is used again as soon as it is back, a writer gives up at ``lock_timeout``
 and a statement at ``statement_timeout`` instead of hanging, and a server that stops
-answering mid-session (the path stalls: ``tests.support.pgfault``) is a call timeout."""
+answering mid-session (the path stalls: ``tests.support.pgfault``) is a call timeout whose
+connection is interrupted (details in tests/store/test_interrupt.py)."""
 
 from __future__ import annotations
 
@@ -218,8 +219,9 @@ def test_a_stalled_server_is_a_timeout_not_a_hang(tmp_path: Path, pg: PgDatabase
     """Connected, then the path to the server stalls (``PgBlackhole.stall``: what the client
     sends is acknowledged, nothing comes back, no timeout of TCP's or the server's fires):
     each call gives up at ``call_timeout`` (AUTH answers TEMPFAIL, the store reports the
-    timeout), and once the path flows again the same store answers, the stalled call
-    returns on its thread and its result is dropped."""
+    timeout), its connection is interrupted so its thread is back while the path is still
+    stalled; a new connection made meanwhile is held by the path, so the next call times out
+    too; once the path flows again the same store answers."""
     with PgBlackhole() as path:
         path.pass_through()
         cfg = _config(tmp_path, path.url(pg.role, pg.name), call_timeout=0.5)
@@ -241,15 +243,20 @@ def test_a_stalled_server_is_a_timeout_not_a_hang(tmp_path: Path, pg: PgDatabase
             path.stall()
             assert asyncio.run(login()) is AuthResult.TEMPFAIL  # SMTP: 454 4.7.0
             assert path.stalled() >= 1  # answered while the query was still held
-            assert db.abandoned == 1
             [timeout] = events("store.call_timeout")
             assert timeout["function"] == "get_user" and timeout["started"] is True
+            assert timeout["abandoned"] == 1
             assert events("auth.error") == [{"backend": "database", "error": "StoreTimeout"}]
+            # Interrupted: its thread is back while the path still holds the query.
+            poll(lambda: db.abandoned == 0, 60, what="the stalled call to return")
+            [interrupted] = events("store.call_interrupted")
+            assert interrupted["function"] == "get_user"
+            assert path.stalled() >= 1
             with pytest.raises(StoreTimeout):  # the next call too, while it lasts
                 asyncio.run(db.call(list_senders, db))
 
             path.pass_through()
-            poll(lambda: db.abandoned == 0, 60, what="the stalled calls to return")
+            poll(lambda: db.abandoned == 0, 60, what="the held connection attempt to return")
             assert len(events("store.call_returned")) == 2
             assert asyncio.run(login()) is AuthResult.OK
         finally:

@@ -10,18 +10,22 @@ A call has a deadline (``[database] call_timeout``, or ``timeout=``): a server t
 connected but does not answer (a hung backend, a lock or I/O stall, a proxy that stopped
 forwarding) makes it raise ``StoreTimeout``, a ``StoreUnavailable``, so every caller
 answers as for a server that is down (AUTH ``454``, the policy keeps its caches), with a
-``store.call_timeout`` event. The thread running it cannot be interrupted: it stays busy
-until the server answers, ``statement_timeout`` cancels the statement or the connection
-breaks (behind a proxy that keeps acknowledging: perhaps never), then says so
-(``store.call_returned``) and its result is discarded. While every thread is held so,
-later calls wait for a free one and time out too (4xx, never a hang); ``close`` does not
-wait for such calls.
+``store.call_timeout`` event. On PostgreSQL the connection the call's thread holds is then
+interrupted (``store.interrupt``: its socket shut down, a cancel request sent; event
+``store.call_interrupted``): the thread comes back at once with an error, the pool replaces
+the connection. A call whose caller was cancelled is interrupted likewise when its deadline
+passes. A thread still opening a new connection holds none yet: it comes back within
+libpq's ``connect_timeout``. On SQLite (a local file: nothing to interrupt) the thread stays
+busy until the call ends. Either way the returning thread says so (``store.call_returned``)
+and its result is discarded; while every thread is busy so, later calls wait for a free one
+and time out too (4xx, never a hang); ``close`` does not wait for such calls.
 
 PostgreSQL (``postgresql+psycopg://``): a bounded pool (``[database] pool_size``, no
-overflow) whose connections are pinged before use, so connections the server dropped (a
-restart, ``pg_terminate_backend``, an idle timeout) are replaced transparently; while the
-server is down each call fails fast with ``OperationalError`` (callers answer 4xx) and the
-first call after it is back succeeds. Every session gets ``lock_timeout`` (``busy_timeout``),
+overflow) whose connections are pinged before use (by the ``Store``'s ``CallWatch``, so a
+ping can be interrupted too), so connections the server dropped (a restart,
+``pg_terminate_backend``, an idle timeout) are replaced transparently; while the server is
+down each call fails fast with ``OperationalError`` (callers answer 4xx) and the first call
+after it is back succeeds. Every session gets ``lock_timeout`` (``busy_timeout``),
 ``statement_timeout`` and a ``connect_timeout``; the URL's own ``options=`` come after
 ours, so they win. Schema creation holds a transaction-scoped advisory lock, so
 gateway nodes and CLI commands that start at once on an empty database do not collide.
@@ -76,6 +80,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from mailwarden.core.events import emit
 from mailwarden.core.sqlite import enable_wal
 from mailwarden.errors import StoreError, StoreTimeout, StoreUnavailable
+from mailwarden.store.interrupt import Call, CallWatch
 from mailwarden.store.schema import (
     BLOCKS_SERIAL,
     SCHEMA_VERSION,
@@ -166,6 +171,8 @@ class Store:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._abandoned = 0  # see ``abandoned``
+        # PostgreSQL: the connections of calls past their deadline can be interrupted.
+        self._watch = CallWatch(engine) if engine.dialect.name == "postgresql" else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -185,22 +192,30 @@ class Store:
 
         Waits at most ``timeout`` seconds (default ``[database] call_timeout``), then raises
         ``StoreTimeout`` (a ``StoreUnavailable``) and emits ``store.call_timeout``. A call
-        still waiting for a free thread then is dropped; a running one cannot be
-        interrupted: its thread goes on until the server answers or the connection breaks
-        (``store.call_returned``), and its result is discarded."""
+        still waiting for a free thread then is dropped; a running one is abandoned: on
+        PostgreSQL its connection is interrupted (``store.call_interrupted``), on SQLite its
+        thread goes on until it ends; either way ``store.call_returned`` says when the
+        thread is free, and the result is discarded."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="mw-db")
         limit = self.settings.call_timeout if timeout is None else timeout
-        name = getattr(fn, "__name__", type(fn).__name__)
-        since = time.monotonic()
-        work = self._pool.submit(fn, *args, **kwargs)
+        call = Call(getattr(fn, "__name__", type(fn).__name__))
+        name, since = call.name, call.since
+        if self._watch is None:
+            work = self._pool.submit(fn, *args, **kwargs)
+        else:
+            work = self._pool.submit(self._watch.run, call, fn, *args, **kwargs)
         future = asyncio.wrap_future(work)
         try:
             # asyncio.wait, not asyncio.timeout: it works outside a task too (smtp.aio)
             done, _ = await asyncio.wait({future}, timeout=limit)
         except BaseException:  # our caller was cancelled (an AUTH past [auth] timeout)
             future.cancel()
-            self._abandon(work, name, since)
+            if self._abandon(work, name, since) and self._watch is not None:
+                # Not at once (a client that hangs up mid-AUTH must not cost a connection):
+                # at the deadline the call would have had, if it is still running then.
+                left = max(0.0, since + limit - time.monotonic())
+                asyncio.get_running_loop().call_later(left, self._overdue, work, call)
             raise
         future.cancel()  # done or not: our answer is decided below
         if done or (work.done() and not work.cancelled()):  # (finished as the deadline passed)
@@ -214,7 +229,14 @@ class Store:
             abandoned=self.abandoned,
             threads=DB_THREADS,
         )
+        if started and self._watch is not None:
+            self._watch.interrupt(call)  # its thread comes back (store.call_returned)
         raise StoreTimeout(f"no answer from the database {self.label} within {limit:g} s")
+
+    def _overdue(self, work: Future[Any], call: Call) -> None:
+        """The deadline of a call whose caller was cancelled: interrupt it if it still runs."""
+        if self._watch is not None and not work.done():
+            self._watch.interrupt(call)
 
     def _abandon(self, work: Future[Any], name: str, since: float) -> bool:
         """Nobody waits for ``work`` any more: drop it if no thread has started it (False),
@@ -333,7 +355,10 @@ def make_engine(
         pool_size=settings.pool_size,
         max_overflow=0,  # pool_size is a hard cap per store (docs/config.md: sizing)
         pool_timeout=connect_timeout + settings.busy_timeout,
-        pool_pre_ping=True,  # replace connections the server dropped before using them
+        # Connections the server dropped are replaced before use: the Store's CallWatch
+        # pings them (store.interrupt; pool_pre_ping would ping before the pool's checkout
+        # event, where a ping on a stalled path could not be interrupted).
+        pool_pre_ping=False,
         pool_recycle=POOL_RECYCLE,
         connect_args=args,
     )
