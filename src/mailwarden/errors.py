@@ -57,5 +57,6 @@ class StoreUnavailable(StoreError):
 class StoreTimeout(StoreUnavailable):
     """A database call got no answer within its deadline (``[database] call_timeout``): the
     server or the path to it is stalled. Handled like a server that is down (4xx, caches
-    kept); the thread running the call goes on until the server answers or the connection
-    breaks (``store.db.Store.call``)."""
+    kept). On PostgreSQL the call's connection is shut down at the deadline, so its thread
+    comes back at once (``store.interrupt``); on SQLite it goes on until the file answers
+    (``store.db.Store.call``)."""
