@@ -20,6 +20,12 @@ end-to-end messages/second, p50/p99 latency of a probe client, peak PSS, and CPU
 and of each daemon (clamd, rspamd, clamav-milter) during the measured load.
 
     .venv/bin/python bench/filtered_bench.py [--messages 5000] [--sessions 50] [--runs 1]
+        [--workers 1] [--only mailwarden|postfix|floor] [--compare REV]
+
+A third system, ``floor`` (``bench/floor_gateway.py``), does only the network exchanges of
+the pipeline in Python with no queue, log or checks: the lower bound of a Python gateway's
+own CPU at the same rate. ``--compare REV`` also runs mailwarden's ``src/`` at git
+revision REV in every run, for an A/B under the same conditions.
 
 Results go to stdout and ``bench/results/filtered-*.json``.
 Security: loopback only (every daemon binds 127.0.0.1; rspamd's resolver is the loopback
@@ -41,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -422,7 +428,9 @@ def _count_verdicts(state_dir: Path) -> int:
     return total
 
 
-def run_mailwarden(daemons: Daemons, load: Load, workers: int) -> Result:
+def run_mailwarden(
+    daemons: Daemons, load: Load, workers: int, system: str = "mailwarden"
+) -> Result:
     tmp = tempfile.mkdtemp(prefix="mw-", dir=str(load.work))  # removed with load.work
     sink_port, port = free_port(), free_port()
     cfg = Path(tmp) / "mailwarden.toml"
@@ -446,9 +454,37 @@ url = "{daemons.rspamd.url}"
     )
     try:
         wait_port(port)
-        result = _measure("mailwarden", port, proc.pid, daemons, sink, load)
+        result = _measure(system, port, proc.pid, daemons, sink, load)
         result.verdicts = _count_verdicts(Path(tmp) / "var")
         return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        sink.stop()
+
+
+def run_floor(daemons: Daemons, load: Load) -> Result:
+    """``bench/floor_gateway.py`` (the network exchanges alone, no queue: a lower bound for
+    a Python gateway's own CPU) against the same daemons and the same load."""
+    sink_port, port = free_port(), free_port()
+    sink = Sink(sink_port)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "floor_gateway.py"),
+            f"--port={port}",
+            f"--clamd={daemons.clamd.tcp_address}",
+            f"--rspamd={daemons.rspamd.url}",
+            f"--relay=127.0.0.1:{sink_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        return _measure("floor", port, proc.pid, daemons, sink, load)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -492,12 +528,12 @@ def _git(*args: str) -> str:
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
-def export_head(dest: Path) -> Path:
-    """``src/`` as committed at HEAD, unpacked under ``dest``: the measured code does not
+def export_head(dest: Path, rev: str = "HEAD") -> Path:
+    """``src/`` as committed at ``rev``, unpacked under ``dest``: the measured code does not
     change when someone edits the working tree during the run."""
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", "src"],
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src"],
         capture_output=True,
         check=True,
     )
@@ -547,8 +583,18 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=10_240, help="ham message bytes (about)")
     ap.add_argument("--workers", type=int, default=2, help="mailwarden worker processes")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per phase")
-    ap.add_argument("--only", choices=["mailwarden", "postfix"], default=None)
+    ap.add_argument(
+        "--only",
+        choices=["mailwarden", "postfix", "floor"],
+        default=None,
+        help="one system (default: postfix, mailwarden and the floor)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run mailwarden's src/ at git revision REV in every run (an A/B in one run)",
+    )
     ap.add_argument(
         "--clamd-cache",
         action="store_true",
@@ -572,11 +618,14 @@ def main() -> int:
     # On the repository's disk like relay_bench (fsync costs what it costs there).
     work = Path(tempfile.mkdtemp(prefix="filtered-", dir=str(ROOT / "bench")))
     os.chmod(work, 0o755)  # clamav-milter (user clamav) and rspamd must traverse it
-    runs: dict[str, list[Result]] = {"mailwarden": [], "postfix": []}
+    runs: dict[str, list[Result]] = {"mailwarden": [], "postfix": [], "floor": []}
+    if args.compare:
+        runs[f"mw@{args.compare}"] = []
     try:
         ham = work / "ham.eml"
         ham.write_bytes(ham_message(args.size))
         code = export_head(work / "code") if args.code == "head" else None
+        other = export_head(work / "compare", args.compare) if args.compare else None
         load = Load(work, code, args.messages, args.sessions, args.warmup, ham, args.deadline)
         print(f"mailwarden code: {code_desc}")
         print(f"ham message: {ham.stat().st_size} bytes; uptime load {os.getloadavg()}")
@@ -589,11 +638,15 @@ def main() -> int:
         )
         try:
             for i in range(args.runs):
-                for system in ("postfix", "mailwarden"):
-                    if args.only and system != args.only:
+                for system in runs:
+                    if args.only and system != args.only and not system.startswith("mw@"):
                         continue
                     if system == "mailwarden":
                         r = run_mailwarden(daemons, load, args.workers)
+                    elif other is not None and system.startswith("mw@"):
+                        r = run_mailwarden(daemons, replace(load, code=other), args.workers, system)
+                    elif system == "floor":
+                        r = run_floor(daemons, load)
                     else:
                         r = run_postfix(daemons, load)
                     runs[system].append(r)
@@ -616,7 +669,7 @@ def main() -> int:
     print("\nmedians:")
     for r in medians.values():
         print(f"  {_line(r)}")
-    if len(medians) == 2:
+    if "mailwarden" in medians and "postfix" in medians:
         mw, pf = medians["mailwarden"], medians["postfix"]
         print(
             f"  ratio mailwarden/postfix: accept {mw.accepted_per_s / pf.accepted_per_s:.2f}x"
