@@ -86,9 +86,7 @@ def _drop_orphans(conn: psycopg.Connection[Any]) -> None:
         if m is None or os.path.exists(f"/proc/{m.group(1)}"):
             continue
         with contextlib.suppress(psycopg.Error):  # another process may be dropping it too
-            conn.execute(
-                pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(_ident(name))
-            )
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(_ident(name)))
 
 
 def _ensure_role(conn: psycopg.Connection[Any]) -> None:
