@@ -10,8 +10,9 @@ a third of httpx per request against rspamd (``bench/scan_bench.py``, docs/bench
 - Connections are kept alive and reused (LIFO, at most ``max_connections`` open, idle ones
   dropped after ``IDLE_TIMEOUT``) when the server allows it: an HTTP/1.1 reply framed by
   ``Content-Length`` without ``Connection: close`` (or an HTTP/1.0 one with
-  ``Connection: keep-alive``). rspamd 3.x's normal worker answers ``Connection: close``,
-  so against it every request opens a connection; its proxy and newer versions keep alive.
+  ``Connection: keep-alive``). rspamd 3.4 answers ``Connection: close`` on its normal
+  worker and on a ``self_scan`` proxy worker alike, even to ``Connection: keep-alive``
+  (checked 2026-12-06), so against it every request opens a connection.
 - A request on a reused connection that the server closed while it was idle (no byte of a
   reply came back) is sent once more on a new connection; any other failure is an error.
 - Replies: ``Content-Length`` framing, or read to EOF when there is neither length nor
