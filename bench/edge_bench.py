@@ -31,8 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import free_port, run_source, wait_port
+from tests.support.procs import stop_group
 
 DOMAIN = "example.test"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -124,7 +126,8 @@ def measure(edge: str, n: int, sessions: int, size: int) -> tuple[float, float]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as state:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", edge, "--port", str(port), "--state", state]
+            [sys.executable, __file__, "--serve", edge, "--port", str(port), "--state", state],
+            start_new_session=True,
         )
         try:
             wait_port(port)
@@ -133,12 +136,7 @@ def measure(edge: str, n: int, sessions: int, size: int) -> tuple[float, float]:
             took = run_source(port, n, sessions, size, timeout=600)
             cpu = _cpu_seconds(proc.pid) - cpu0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_group(proc, timeout=10)
     return n / took, cpu * 1000 / n
 
 

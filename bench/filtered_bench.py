@@ -40,7 +40,6 @@ import email.utils
 import json
 import os
 import shutil
-import signal
 import smtplib
 import statistics
 import subprocess
@@ -451,6 +450,7 @@ url = "{daemons.rspamd.url}"
         stdout=subprocess.DEVNULL,
         cwd=tmp,
         env=env,
+        start_new_session=True,  # stop_group stops its workers too
     )
     try:
         wait_port(port)
@@ -458,11 +458,7 @@ url = "{daemons.rspamd.url}"
         result.verdicts = _count_verdicts(Path(tmp) / "var")
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc, timeout=30)
         sink.stop()
 
 
@@ -481,16 +477,13 @@ def run_floor(daemons: Daemons, load: Load) -> Result:
             f"--relay=127.0.0.1:{sink_port}",
         ],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_port(port)
         return _measure("floor", port, proc.pid, daemons, sink, load)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc, timeout=30)
         sink.stop()
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from harness import (
     run_source,
     wait_port,
 )
+from tests.support.procs import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,16 +102,13 @@ def run_mailwarden(n: int, sessions: int, size: int, workers: int, deadline: flo
             [sys.executable, "-m", "mailwarden", "serve", "-c", str(cfg)],
             stdout=subprocess.DEVNULL,
             cwd=tmp,
+            start_new_session=True,  # stop_group stops its workers too
         )
         try:
             wait_port(port)
             return _measure("mailwarden", port, proc.pid, sink, n, sessions, size, deadline)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_group(proc, timeout=30)
             sink.stop()
 
 
