@@ -2,16 +2,19 @@
 
 Also the fail-closed cases (CP-E3): clamd stopped and restarted, a fake clamd answering
 garbage, a listener that never answers, a stream over clamd's size limit, and a signature
-database past its maximum age.
+database past its maximum age. The clamd-stopped and size-limit cases run both with pooled
+sessions (the default) and with ``session_idle = 0``; the pool itself is tested in
+test_clamav_sessions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from mailwarden.core.events import MemorySink
 from mailwarden.core.types import Direction
@@ -25,8 +28,21 @@ TESTFILES = Path("/usr/share/clamav-testfiles")
 EXPECTED_TESTFILES = 44
 
 
+_made: list[ClamdScanner] = []
+
+
 def scanner(address: str, **kw: object) -> ClamdScanner:
-    return ClamdScanner(ClamavSettings(socket=address, **kw))  # type: ignore[arg-type]
+    s = ClamdScanner(ClamavSettings(socket=address, **kw))  # type: ignore[arg-type]
+    _made.append(s)
+    return s
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _close_scanners() -> AsyncIterator[None]:
+    """End the pooled clamd sessions of the test's scanners, as the gateway does."""
+    yield
+    while _made:
+        await _made.pop().aclose()
 
 
 def engine_for(*scanners: object, **kw: object) -> VerdictEngine:
@@ -123,10 +139,18 @@ async def test_signature_status_reports_version_and_fresh_date(
 # --- fail closed (CP-E3) -------------------------------------------------------------------
 
 
+SESSION_MODES = pytest.mark.parametrize(
+    "session_idle", [10.0, 0.0], ids=["sessions", "connection-per-scan"]
+)
+
+
 @pytest.mark.asyncio
-async def test_clamd_stopped_tempfails_then_recovers(clamd_factory: Callable[..., Clamd]) -> None:
+@SESSION_MODES
+async def test_clamd_stopped_tempfails_then_recovers(
+    clamd_factory: Callable[..., Clamd], session_idle: float
+) -> None:
     c = clamd_factory()
-    s = scanner(c.address, version_check_interval=0)
+    s = scanner(c.address, version_check_interval=0, session_idle=session_idle)
     engine = engine_for(s, BuiltinScanner())
     assert (await engine.judge(scan_input(ham()))).action is Action.ACCEPT
     c.stop()
@@ -141,14 +165,19 @@ async def test_clamd_stopped_tempfails_then_recovers(clamd_factory: Callable[...
 
 
 @pytest.mark.asyncio
+@SESSION_MODES
 async def test_clamd_stopped_after_version_check_still_fails(
-    clamd_factory: Callable[..., Clamd],
+    clamd_factory: Callable[..., Clamd], session_idle: float
 ) -> None:
     c = clamd_factory()
-    s = scanner(c.address)  # VERSION cached for 300 s: the INSTREAM itself must fail
+    # VERSION cached for 300 s: the INSTREAM itself must fail (a pooled session too)
+    s = scanner(c.address, session_idle=session_idle)
     assert await s.scan(scan_input(ham())) == []
     c.stop()
     assert names(await s.scan(scan_input(ham()))) == ["CLAMAV_FAIL"]
+    assert names(await s.scan(scan_input(plain(eicar())))) == ["CLAMAV_FAIL"]
+    c.start()
+    assert names(await s.scan(scan_input(plain(eicar())))) == ["CLAMAV_VIRUS"]
 
 
 @pytest.mark.asyncio
@@ -188,10 +217,13 @@ async def test_silent_daemon_times_out_as_fail() -> None:
 
 
 @pytest.mark.asyncio
-async def test_stream_over_clamd_limit_is_fail(clamd_factory: Callable[..., Clamd]) -> None:
+@SESSION_MODES
+async def test_stream_over_clamd_limit_is_fail(
+    clamd_factory: Callable[..., Clamd], session_idle: float
+) -> None:
     c = clamd_factory(stream_max="1M")
     raw = with_attachment(bytes(range(256)) * 8192, "big.bin")  # 2 MB, base64 ~2.7 MB
-    symbols = await scanner(c.address).scan(scan_input(raw))
+    symbols = await scanner(c.address, session_idle=session_idle).scan(scan_input(raw))
     assert names(symbols) == ["CLAMAV_FAIL"]
     # clamd answers "INSTREAM size limit exceeded" and closes; when its close overtakes the
     # upload, the socket reports the broken pipe before the reply can be read. Either way

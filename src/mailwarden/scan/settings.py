@@ -109,6 +109,9 @@ class ClamavSettings(_Section):
     timeout: Duration = 60.0  # one INSTREAM scan, connect to verdict
     connect_timeout: Duration = 5.0
     max_concurrent: int = Field(default=8, ge=1, le=256)  # stay below clamd's MaxThreads
+    # Reuse a clamd IDSESSION connection idle up to this long; keep it well below clamd's
+    # ReadTimeout (which ends idle sessions; 120 s by default). 0 = a connection per scan.
+    session_idle: Duration = Field(default=10.0, le=60.0)
     chunk_size: int = Field(default=65536, ge=1024, le=1 << 22)  # INSTREAM chunk bytes
     # SU-5: alert (event scan.signatures_stale) past alert age; fail closed past max age.
     signature_alert_age: Duration = 86400.0
