@@ -24,7 +24,12 @@ the network path to it. ``PgBlackhole()`` listens on 127.0.0.1 (a free port):
   connection made during the stall is held as in ``hole()`` mode;
   ``stall(existing_only=True)`` stalls only the connections forwarded so far and forwards
   new ones (a path whose old flows are black-holed while new ones get through: a lost NAT
-  or conntrack entry, a failover);
+  or conntrack entry, a failover; after a ``stall()`` of either kind, the stalled flows
+  stay dead and new connections get through again);
+  ``stall(after_login=True)`` stalls the connections forwarded so far and lets every new
+  one log in, then stalls it as soon as the server has said it is ready for queries (the
+  first ``ReadyForQuery`` message): a client gets connected, and its first statement is
+  never answered (a proxy or a server that stops answering just after the handshake);
 - ``held()`` how many connections are held right now (accepted, unanswered, still open);
   ``stalled()`` how many directions of forwarded connections hold bytes right now because
   of a stall (a client's query waiting to reach the server counts one); ``accepted`` how
@@ -33,7 +38,9 @@ the network path to it. ``PgBlackhole()`` listens on 127.0.0.1 (a free port):
   everything.
 
 Security: listens on 127.0.0.1 only and forwards only to the local server's Unix socket;
-the bytes it carries are the clients' and the server's, never interpreted.
+the bytes it carries are the clients' and the server's, never interpreted (the
+``after_login`` mode only looks for the five fixed bytes that start a ``ReadyForQuery``
+message in what the server sends).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from tests.support.postgres import SOCKET_DIR
 
 POLL = 0.05  # seconds between checks of a held connection for the mode switch
 CHUNK = 65536
+# The server's ReadyForQuery message: type "Z", length 5 (then the transaction status): the
+# end of a login, and of every statement after it.
+READY = b"Z\x00\x00\x00\x05"
 
 
 class PgBlackhole:
@@ -62,6 +72,7 @@ class PgBlackhole:
         self._passing = threading.Event()
         self._flowing = threading.Event()  # cleared by stall(): new connections are held
         self._flowing.set()
+        self._after_login = False  # stall(after_login=True): new connections stall once ready
         self._paths: list[threading.Event] = []  # per forwarded connection, cleared by stall()
         self._waiting = 0  # pumps holding a chunk because of a stall
         self._stop = threading.Event()
@@ -87,17 +98,23 @@ class PgBlackhole:
         path flows again (what it kept first)."""
         self._passing.set()
         with self._lock:
+            self._after_login = False
             self._flowing.set()
             for path in self._paths:
                 path.set()
 
-    def stall(self, *, existing_only: bool = False) -> None:
-        """No byte is forwarded either way (and new connections are held, unless
-        ``existing_only``) until ``pass_through()``: a query sent now is acknowledged and
-        not answered."""
+    def stall(self, *, existing_only: bool = False, after_login: bool = False) -> None:
+        """No byte is forwarded either way on the connections forwarded so far until
+        ``pass_through()``: a query sent now is acknowledged and not answered. New
+        connections are held (the default), forwarded (``existing_only``: the old flows
+        stay stalled for good) or forwarded through their login and stalled then
+        (``after_login``)."""
         self._passing.set()
         with self._lock:
-            if not existing_only:
+            self._after_login = after_login
+            if existing_only or after_login:
+                self._flowing.set()
+            else:
                 self._flowing.clear()
             for path in self._paths:
                 path.clear()
@@ -114,6 +131,7 @@ class PgBlackhole:
         self._stop.set()
         self._passing.set()
         with self._lock:
+            self._after_login = False
             self._flowing.set()
             for path in self._paths:
                 path.set()
@@ -200,11 +218,27 @@ class PgBlackhole:
                 conn.close()
             return
         self._start(self._pump, conn, upstream, flowing)
-        self._pump(upstream, conn, flowing)
+        self._pump(upstream, conn, flowing, login=True)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, flowing: threading.Event) -> None:
+    def _logged_in(self, flowing: threading.Event) -> None:
+        """The server said it is ready for queries: in the ``after_login`` mode the path
+        stalls now, before the client can send its first statement."""
+        with self._lock:
+            if self._after_login:
+                flowing.clear()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        flowing: threading.Event,
+        *,
+        login: bool = False,
+    ) -> None:
         """Copy ``src`` to ``dst`` until EOF or an error, then half-close ``dst``; while the
-        path is stalled, a chunk read waits here (and what follows in the kernel's buffer)."""
+        path is stalled, a chunk read waits here (and what follows in the kernel's buffer).
+        ``login``: the server's side, watched for the end of the login until it is seen."""
+        tail = b""  # the end of the previous chunk (READY may straddle two)
         try:
             while data := src.recv(CHUNK):
                 if not flowing.is_set():
@@ -215,6 +249,11 @@ class PgBlackhole:
                     finally:
                         with self._lock:
                             self._waiting -= 1
+                if login:
+                    if READY in tail + data:
+                        login = False
+                        self._logged_in(flowing)  # before the client has the message
+                    tail = data[-(len(READY) - 1) :]
                 dst.sendall(data)
         except OSError:
             pass
