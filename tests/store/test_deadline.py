@@ -10,7 +10,9 @@ server that does not answer: they wait on an event the test sets (the PostgreSQL
 itself, and the interruption of its connection, are in tests/store/test_postgres.py and
 tests/store/test_interrupt.py).
 
-Also the validation of ``call_timeout`` and ``statement_timeout``. No untrusted input.
+Also the validation of ``call_timeout``, ``open_timeout`` and ``statement_timeout`` (the
+deadline of opening a PostgreSQL store is in tests/store/test_open_deadline.py). No
+untrusted input.
 """
 
 from __future__ import annotations
@@ -203,6 +205,8 @@ def test_close_does_not_wait_for_an_abandoned_call(tmp_path: Path) -> None:
         ("call_timeout", 0, "call_timeout must be between"),
         ("call_timeout", "1h", "call_timeout must be between"),
         ("call_timeout", "soon", "not a duration"),
+        ("open_timeout", 0, "open_timeout must be between"),
+        ("open_timeout", "11m", "open_timeout must be between"),
         ("statement_timeout", 0.0001, "statement_timeout must be 0 (off) or between"),
         ("statement_timeout", "2d", "statement_timeout must be 0 (off) or between"),
         ("statement_timeout", -1, "cannot be negative"),
@@ -217,6 +221,6 @@ def test_timeouts_are_validated(field: str, value: object, message: str) -> None
 
 def test_timeout_defaults_and_spellings() -> None:
     s = DatabaseSettings()
-    assert (s.call_timeout, s.statement_timeout) == (10.0, 30.0)
-    s = DatabaseSettings(call_timeout="2m", statement_timeout="0")
-    assert (s.call_timeout, s.statement_timeout) == (120.0, 0.0)  # 0: no statement_timeout
+    assert (s.call_timeout, s.open_timeout, s.statement_timeout) == (10.0, 30.0, 30.0)
+    s = DatabaseSettings(call_timeout="2m", open_timeout="0.5s", statement_timeout="0")
+    assert (s.call_timeout, s.open_timeout, s.statement_timeout) == (120.0, 0.5, 0.0)

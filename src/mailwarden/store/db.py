@@ -34,10 +34,15 @@ gateway nodes and CLI commands that start at once on an empty database do not co
 A PostgreSQL server that cannot be reached right now (``is_transient``: connection refused,
 no socket, timeout, too many connections, database not accepting connections, starting or
 shutting down) makes ``open_store`` raise ``StoreUnavailable`` at once, without retrying:
-the gateway starts degraded and retries in the background. Everything else (a bad URL, a
-role or database that does not exist, an unusable SQLite path) is a plain ``StoreError``.
-``probe_store`` checks that the configured server answers (``mailwarden status``). Both
-take ``connect_timeout`` (libpq's, seconds per address; the URL's own wins): the CLI gives a
+the gateway starts degraded and retries in the background. So does an open that has not
+ended within ``[database] open_timeout`` (a server or path that stalls after accepting the
+connection: no timeout of libpq's or the server's fires then): it runs on a thread of its
+own as a call of the new store's ``CallWatch`` (``store.interrupt.run_bounded``), and past
+the deadline the connection it holds is interrupted (events ``store.open_timeout``,
+``store.call_interrupted``). Everything else (a bad URL, a role or database that does not
+exist, an unusable SQLite path) is a plain ``StoreError``. ``probe_store`` checks, with the
+same deadline, that the configured server answers (``mailwarden status``). Both take
+``connect_timeout`` (libpq's, seconds per address; the URL's own wins): the CLI gives a
 shorter one than the gateway. Error texts are one line (``error_reason``: the driver's
 first line, redacted; libpq's hint lines are dropped).
 
@@ -80,7 +85,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from mailwarden.core.events import emit
 from mailwarden.core.sqlite import enable_wal
 from mailwarden.errors import StoreError, StoreTimeout, StoreUnavailable
-from mailwarden.store.interrupt import Call, CallWatch
+from mailwarden.store.interrupt import Call, CallWatch, Overdue, run_bounded
 from mailwarden.store.schema import (
     BLOCKS_SERIAL,
     SCHEMA_VERSION,
@@ -164,15 +169,24 @@ def _sqlite_pragmas(busy_ms: int) -> Callable[[Any, Any], None]:
 class Store:
     """An open database: the engine plus a private thread pool for blocking calls."""
 
-    def __init__(self, engine: Engine, settings: DatabaseSettings, label: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: DatabaseSettings,
+        label: str,
+        watch: CallWatch | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.label = label  # printable location (no password)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._abandoned = 0  # see ``abandoned``
-        # PostgreSQL: the connections of calls past their deadline can be interrupted.
-        self._watch = CallWatch(engine) if engine.dialect.name == "postgresql" else None
+        # PostgreSQL: the connections of calls past their deadline can be interrupted
+        # (``watch``: the one ``open_store`` made for the engine already).
+        if watch is None and engine.dialect.name == "postgresql":
+            watch = CallWatch(engine)
+        self._watch = watch
 
     @property
     def is_sqlite(self) -> bool:
@@ -399,10 +413,30 @@ def is_transient(exc: BaseException) -> bool:
     return any(t in message for t in TRANSIENT_TEXTS)
 
 
+def _within_open_timeout(
+    engine: Engine, settings: DatabaseSettings, label: str, name: str, fn: Callable[[], None]
+) -> CallWatch:
+    """``fn()`` (the work of ``open_store`` or ``probe_store``, named ``name``) as a call
+    of a new ``CallWatch`` of the PostgreSQL ``engine``, within ``[database] open_timeout``:
+    past it ``store.open_timeout`` is emitted, the connection ``fn`` holds is interrupted
+    (``store.call_interrupted``), ``engine`` is disposed of once ``fn``'s thread is back
+    and ``Overdue`` is raised. Returns the watch (the ``Store``'s from then on)."""
+    watch = CallWatch(engine)
+    limit = settings.open_timeout
+
+    def overdue() -> None:
+        emit("store.open_timeout", function=name, database=label, timeout=limit)
+
+    run_bounded(watch, Call(name), limit, fn, overdue=overdue, late=engine.dispose)
+    return watch
+
+
 def probe_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> str | None:
     """``None`` when the configured database answers a query, else the redacted reason.
 
-    The embedded default (SQLite under ``state_dir``) has no server to reach: ``None``."""
+    The embedded default (SQLite under ``state_dir``) has no server to reach: ``None``. A
+    server that does not answer within ``[database] open_timeout`` (a path that stalled
+    after the connection was made) is a reason too."""
     settings: DatabaseSettings = cfg.database
     if not settings.url:
         return None
@@ -410,31 +444,33 @@ def probe_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> str |
         engine = make_engine(settings, cfg.state_path, connect_timeout=connect_timeout)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         return error_reason(settings, exc)
-    try:
+
+    def check() -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    try:
+        if engine.dialect.name == "postgresql":
+            _within_open_timeout(engine, settings, store_label(cfg), "probe_store", check)
+        else:  # an explicit sqlite:// URL: a local file
+            check()
     except SQLAlchemyError as exc:
         return error_reason(settings, exc)
+    except Overdue as exc:
+        return str(exc)
     finally:
         engine.dispose()
     return None
 
 
-def open_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> Store:
-    """Open (and create if needed) the configured database; raise ``StoreError``, or
-    ``StoreUnavailable`` when the server cannot be reached right now."""
-    settings: DatabaseSettings = cfg.database
-    label = store_label(cfg)
-    try:
-        engine = make_engine(settings, cfg.state_path, connect_timeout=connect_timeout)
-    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
-        # e.g. a driver that is not installed; never echo the URL's password
-        reason = error_reason(settings, exc)
-        raise StoreError(f"cannot open the database {label}: {reason}") from None
+def _create_schema(engine: Engine, settings: DatabaseSettings, label: str) -> None:
+    """``_init_schema`` (retried: SQLite writers may race); ``StoreUnavailable`` when the
+    server cannot be reached right now, else ``StoreError``. The engine is disposed of
+    when it fails."""
     for attempt in range(INIT_ATTEMPTS):
         try:
             _init_schema(engine)
-            break
+            return
         except (OperationalError, IntegrityError) as exc:
             if engine.dialect.name != "sqlite" and is_transient(exc):
                 engine.dispose()  # the server is down or full: the caller retries later
@@ -451,4 +487,26 @@ def open_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> Store:
         except StoreError:
             engine.dispose()
             raise
-    return Store(engine, settings, label)
+
+
+def open_store(cfg: Config, *, connect_timeout: int = CONNECT_TIMEOUT) -> Store:
+    """Open (and create if needed) the configured database; raise ``StoreError``, or
+    ``StoreUnavailable`` when the server cannot be reached right now or (PostgreSQL) the
+    open did not end within ``[database] open_timeout`` (event ``store.open_timeout``)."""
+    settings: DatabaseSettings = cfg.database
+    label = store_label(cfg)
+    try:
+        engine = make_engine(settings, cfg.state_path, connect_timeout=connect_timeout)
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+        # e.g. a driver that is not installed; never echo the URL's password
+        reason = error_reason(settings, exc)
+        raise StoreError(f"cannot open the database {label}: {reason}") from None
+    if engine.dialect.name != "postgresql":  # SQLite: a local file, busy_timeout bounds it
+        _create_schema(engine, settings, label)
+        return Store(engine, settings, label)
+    create = partial(_create_schema, engine, settings, label)
+    try:
+        watch = _within_open_timeout(engine, settings, label, "open_store", create)
+    except Overdue as exc:
+        raise StoreUnavailable(f"cannot reach the database {label}: {exc}") from None
+    return Store(engine, settings, label, watch)

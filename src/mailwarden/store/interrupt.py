@@ -6,9 +6,12 @@ forwarding, says nothing. ``CallWatch(engine)`` (PostgreSQL engines only) frees 
 
 - ``run(call, fn, ...)`` runs ``fn`` on a store thread and notes which ``Call`` that thread
   is running;
-- pool events note the connections such a thread has checked out: from checkout to checkin
-  (or close) the watch keeps a duplicate of the connection's socket, so the socket it
-  names is always that connection's, whatever libpq does with its own descriptor;
+- pool events note the connections such a thread has made or checked out: from the moment
+  a new connection is made (before SQLAlchemy's own first statements on it, the dialect's
+  checks of a new engine's first connection) or a pooled one is checked out, until its
+  checkin (or close, or the end of the call), the watch keeps a duplicate of the
+  connection's socket, so the socket it names is always that connection's, whatever libpq
+  does with its own descriptor;
 - the check of a pooled connection before it is handed out (what ``pool_pre_ping`` does) is
   made here, after the connection is noted: a ping on a stalled path is interrupted too;
 - ``interrupt(call)`` marks the call abandoned and shuts the sockets of the connections its
@@ -20,12 +23,19 @@ forwarding, says nothing. ``CallWatch(engine)`` (PostgreSQL engines only) frees 
   is there but slow stops working for a caller that is gone (without it, the statement
   would run until ``statement_timeout``). An abandoned call that then asks for a connection
   again (the ping failed, the function's next statement) gets ``StoreTimeout`` without a
-  connection attempt. One ``store.call_interrupted`` event per interrupted call.
+  connection attempt, and a connection it was still making when it was abandoned is closed
+  as soon as it is made. One ``store.call_interrupted`` event per interrupted call.
 
 A thread that is opening a new connection holds no socket yet: it cannot be interrupted and
 waits at most libpq's ``connect_timeout``.
 
-Public names: ``Call``, ``CallWatch``.
+``run_bounded(watch, call, limit, fn, ...)`` runs ``fn`` as ``call`` on a thread of its own
+and waits at most ``limit`` seconds: past it ``overdue()`` is called, the call is
+interrupted as above and ``Overdue`` raised; when the thread ends after that, ``late()``
+runs on it (to dispose of an engine nobody else will use). ``store.db`` opens a store and
+probes a server this way (``[database] open_timeout``).
+
+Public names: ``Call``, ``CallWatch``, ``Overdue``, ``run_bounded``.
 Security: no untrusted input; shuts down only sockets of this process's own database
 connections (through its own duplicates of them) and sends cancel requests only to the
 server a connection is connected to.
@@ -41,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import DisconnectionError
@@ -54,7 +64,7 @@ CANCEL_TIMEOUT = 10.0  # seconds a cancel request may take (connect, send, the s
 MAX_CANCELS = 4  # cancel requests in flight per store; past it the socket is only shut down
 FRESH = "mailwarden.fresh"  # connection_record.info key: connected, not yet handed out
 
-__all__ = ["Call", "CallWatch"]
+__all__ = ["Call", "CallWatch", "Overdue", "run_bounded"]
 
 
 @dataclass(eq=False)
@@ -99,7 +109,8 @@ class CallWatch:
         self._can_cancel = _has_cancel_conn()
         self._cancels = threading.BoundedSemaphore(MAX_CANCELS)
         event.listen(engine, "do_connect", self._on_do_connect)
-        event.listen(engine, "connect", self._on_connect)
+        # First of the connect listeners: before the dialect's first statements on it.
+        event.listen(engine, "connect", self._on_connect, insert=True)
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "close", self._on_close)  # before the connection is closed
@@ -119,6 +130,10 @@ class CallWatch:
         finally:
             with self._lock:
                 del self._running[ident]
+                # Noted when made but never checked in (its connect events failed, say):
+                # nothing can interrupt it for this call any more.
+                for key in [k for k, h in self._held.items() if h.call is call]:
+                    self._held.pop(key).sock.close()
 
     def interrupt(self, call: Call) -> int:
         """``call``'s caller stopped waiting: shut down the connections its thread holds
@@ -158,8 +173,17 @@ class CallWatch:
         if call is not None and call.abandoned:
             raise _abandoned(call)
 
-    def _on_connect(self, _dbapi: Any, record: Any) -> None:
+    def _on_connect(self, dbapi: Any, record: Any) -> None:
+        """A new connection is made: note it (if a store call made it), before anything
+        runs on it; an abandoned call's is closed (SQLAlchemy closes a connection whose
+        connect event fails)."""
         record.info[FRESH] = True  # just made: no need to check it at its first checkout
+        with self._lock:
+            call = self._running.get(threading.get_ident())
+            if call is not None and not call.abandoned:
+                self._note(call, dbapi)
+        if call is not None and call.abandoned:  # made after its caller gave up
+            raise _abandoned(call)
 
     def _on_checkout(self, dbapi: Any, record: Any, _proxy: Any) -> None:
         """Note the connection (if a store call takes it), then check it is still alive:
@@ -168,9 +192,7 @@ class CallWatch:
         with self._lock:
             call = self._running.get(threading.get_ident())
             if call is not None and not call.abandoned:
-                held = self._duplicate(call, dbapi)
-                if held is not None:
-                    self._held[id(dbapi)] = held
+                self._note(call, dbapi)
         if call is not None and call.abandoned:
             raise _abandoned(call)  # the pool returns the connection (and closes it)
         if record.info.pop(FRESH, False):
@@ -200,6 +222,15 @@ class CallWatch:
                 held.sock.close()
 
     # -- inside ---------------------------------------------------------------------------
+    def _note(self, call: Call, dbapi: Any) -> None:
+        """``call``'s thread holds ``dbapi`` (under the lock; noted once: at its connect,
+        or at its checkout)."""
+        if id(dbapi) in self._held:
+            return
+        held = self._duplicate(call, dbapi)
+        if held is not None:
+            self._held[id(dbapi)] = held
+
     @staticmethod
     def _duplicate(call: Call, dbapi: Any) -> _Held | None:
         """Our own descriptor for the connection's socket (None: the connection is already
@@ -259,3 +290,51 @@ class CallWatch:
         finally:
             cancel.finish()
             self._cancels.release()
+
+
+class Overdue(Exception):
+    """``run_bounded``: the function did not end within its limit (it was interrupted)."""
+
+
+def run_bounded(
+    watch: CallWatch,
+    call: Call,
+    limit: float,
+    fn: Callable[[], T],
+    *,
+    overdue: Callable[[], None],
+    late: Callable[[], None],
+) -> T:
+    """``fn()`` as ``call`` of ``watch`` on a thread of its own: its result or exception
+    within ``limit`` seconds, else ``overdue()``, the interruption of ``call`` and
+    ``Overdue``; ``late()`` then runs on that thread when it ends (whatever ``fn`` did)."""
+    lock = threading.Lock()  # the caller gives up, or the thread hands over its outcome
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []  # (True, result) or (False, exception), once
+    gone: list[bool] = []  # the caller gave up: set once, under the lock
+
+    def work() -> None:
+        try:
+            result: tuple[bool, Any] = (True, watch.run(call, fn))
+        except BaseException as exc:  # the caller's to raise (or nobody's, if it is gone)
+            result = (False, exc)
+        with lock:
+            outcome.append(result)
+            given_up = bool(gone)
+        done.set()
+        if given_up:
+            late()
+
+    threading.Thread(target=work, name=f"mw-db-{call.name}", daemon=True).start()
+    done.wait(limit)
+    with lock:
+        if not outcome:
+            gone.append(True)
+    if not gone:
+        ok, value = outcome[0]
+        if ok:
+            return cast(T, value)
+        raise value
+    overdue()
+    watch.interrupt(call)  # its thread comes back (or, still connecting, gets no connection)
+    raise Overdue(f"no answer within {limit:g} s")

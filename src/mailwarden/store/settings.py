@@ -12,6 +12,8 @@ An empty ``url`` (the default) is SQLite in WAL mode at ``state_dir/mailwarden.d
 answer before it listens anyway (degraded, still connecting in the background).
 ``call_timeout`` bounds how long the gateway's event loop waits for one database call (a
 server that is connected but does not answer: the caller answers as if it were down);
+``open_timeout`` bounds opening a PostgreSQL store (connection, schema creation and check):
+a server or path that stops answering then is a server that cannot be reached right now.
 ``statement_timeout`` is PostgreSQL's, set on every session (0: off).
 
 Public names: ``DatabaseSettings``, ``redact_url``.
@@ -41,6 +43,8 @@ _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 HIDDEN = "***"
 MIN_CALL_TIMEOUT = 0.01  # seconds; a deadline is required (no "0 = off")
 MAX_CALL_TIMEOUT = 600.0
+MIN_OPEN_TIMEOUT = 0.1  # seconds; a deadline is required (no "0 = off")
+MAX_OPEN_TIMEOUT = 600.0
 MIN_STATEMENT_TIMEOUT = 0.001  # PostgreSQL counts whole milliseconds
 MAX_STATEMENT_TIMEOUT = 86400.0
 
@@ -89,8 +93,11 @@ class DatabaseSettings(BaseModel):
     # listens anyway, degraded (0: never wait; config errors then show up as events).
     start_wait: Duration = Field(default=1.0, le=60.0)
     # How long the gateway waits for one database call before it answers as if the database
-    # were down (4xx, caches kept); the call's thread goes on until the server answers.
+    # were down (4xx, caches kept); on PostgreSQL the call's connection is interrupted.
     call_timeout: Duration = 10.0
+    # How long opening a PostgreSQL store may take in all (connecting, creating and checking
+    # the schema) before it counts as a server that cannot be reached (retried later).
+    open_timeout: Duration = 30.0
     # PostgreSQL statement_timeout of every session: the server cancels a statement that
     # runs longer (whole milliseconds; 0: off). The URL's own options= win.
     statement_timeout: Duration = 30.0
@@ -102,6 +109,16 @@ class DatabaseSettings(BaseModel):
             raise ValueError(
                 f"call_timeout must be between {MIN_CALL_TIMEOUT:g}s and {MAX_CALL_TIMEOUT:g}s "
                 "(the gateway never waits for the database without a deadline)"
+            )
+        return v
+
+    @field_validator("open_timeout")
+    @classmethod
+    def _open_timeout(cls, v: float) -> float:
+        if not MIN_OPEN_TIMEOUT <= v <= MAX_OPEN_TIMEOUT:
+            raise ValueError(
+                f"open_timeout must be between {MIN_OPEN_TIMEOUT:g}s and {MAX_OPEN_TIMEOUT:g}s "
+                "(opening the database never waits without a deadline)"
             )
         return v
 
