@@ -25,27 +25,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.e2e.test_auth import FAST, PASSWORD, user_cli
-from tests.e2e.test_postgres import POLICY, auth_reply
+from tests.e2e.test_auth import PASSWORD, user_cli
+from tests.e2e.test_postgres import POLICY
+from tests.e2e.test_postgres_stall import AUTH, auth_code
 from tests.support.gateway import Gateway
 from tests.support.pgfault import PgBlackhole
 from tests.support.postgres import PgDatabase
 from tests.support.tmpdirs import poll
 
 URL_PASSWORD = "Db-pass-8816"  # trust authentication ignores it; it must never be printed
-CLIENT_TIMEOUT = 30  # seconds the client waits for a reply: a hang is a test failure
 OPEN_TIMEOUT = "1s"
 # start_wait longer than open_timeout: the start-up check answers "unavailable" itself.
 DATABASE = {"open_timeout": OPEN_TIMEOUT, "call_timeout": "1s", "start_wait": "10s"}
-AUTH = dict(FAST) | {"timeout": "90s"}  # longer than the client waits: not what answers
-
-
-def auth_code(gw: Gateway) -> int:
-    """AUTH PLAIN as alice (the session is closed again): the reply code."""
-    code, c = auth_reply(gw, PASSWORD, timeout=CLIENT_TIMEOUT)
-    if c is not None:
-        c.quit()
-    return code
 
 
 def test_a_worker_whose_open_stalls_retries_until_the_database_answers(

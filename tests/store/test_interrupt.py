@@ -53,20 +53,6 @@ def _fields(sink: MemorySink, name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def pg(pg_database: PgDatabase) -> PgDatabase:
-    pg_database.allow_connections()
-    pg_database.reset()
-    return pg_database
-
-
-@pytest.fixture
-def path() -> Iterator[PgBlackhole]:
-    with PgBlackhole() as p:
-        p.pass_through()
-        yield p
-
-
-@pytest.fixture
 def db(tmp_path: Path, pg: PgDatabase, path: PgBlackhole) -> Iterator[store.Store]:
     """A store whose connections go through ``path`` (pass-through until a test stalls it)."""
     s = store.open(_config(tmp_path, path.url(pg.role, pg.name)))

@@ -24,7 +24,7 @@ the injector listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +86,6 @@ def _in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
         return value
 
     return result
-
-
-@pytest.fixture
-def pg(pg_database: PgDatabase) -> PgDatabase:
-    pg_database.allow_connections()
-    pg_database.reset()
-    return pg_database
-
-
-@pytest.fixture
-def path() -> Iterator[PgBlackhole]:
-    with PgBlackhole() as p:
-        p.pass_through()
-        yield p
 
 
 def _stall_at_first_checkout(monkeypatch: pytest.MonkeyPatch, path: PgBlackhole) -> None:

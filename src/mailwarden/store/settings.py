@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -45,6 +45,10 @@ MIN_CALL_TIMEOUT = 0.01  # seconds; a deadline is required (no "0 = off")
 MAX_CALL_TIMEOUT = 600.0
 MIN_OPEN_TIMEOUT = 0.1  # seconds; a deadline is required (no "0 = off")
 MAX_OPEN_TIMEOUT = 600.0
+_DEADLINES = {
+    "call_timeout": (MIN_CALL_TIMEOUT, MAX_CALL_TIMEOUT),
+    "open_timeout": (MIN_OPEN_TIMEOUT, MAX_OPEN_TIMEOUT),
+}
 MIN_STATEMENT_TIMEOUT = 0.001  # PostgreSQL counts whole milliseconds
 MAX_STATEMENT_TIMEOUT = 86400.0
 
@@ -102,23 +106,14 @@ class DatabaseSettings(BaseModel):
     # runs longer (whole milliseconds; 0: off). The URL's own options= win.
     statement_timeout: Duration = 30.0
 
-    @field_validator("call_timeout")
+    @field_validator("call_timeout", "open_timeout")
     @classmethod
-    def _call_timeout(cls, v: float) -> float:
-        if not MIN_CALL_TIMEOUT <= v <= MAX_CALL_TIMEOUT:
+    def _deadline(cls, v: float, info: ValidationInfo) -> float:
+        low, high = _DEADLINES[info.field_name or ""]
+        if not low <= v <= high:
             raise ValueError(
-                f"call_timeout must be between {MIN_CALL_TIMEOUT:g}s and {MAX_CALL_TIMEOUT:g}s "
+                f"{info.field_name} must be between {low:g}s and {high:g}s "
                 "(the gateway never waits for the database without a deadline)"
-            )
-        return v
-
-    @field_validator("open_timeout")
-    @classmethod
-    def _open_timeout(cls, v: float) -> float:
-        if not MIN_OPEN_TIMEOUT <= v <= MAX_OPEN_TIMEOUT:
-            raise ValueError(
-                f"open_timeout must be between {MIN_OPEN_TIMEOUT:g}s and {MAX_OPEN_TIMEOUT:g}s "
-                "(opening the database never waits without a deadline)"
             )
         return v
 
