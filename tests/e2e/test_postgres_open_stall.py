@@ -26,14 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 from tests.e2e.test_auth import PASSWORD, user_cli
-from tests.e2e.test_postgres import POLICY
-from tests.e2e.test_postgres_stall import AUTH, auth_code
-from tests.support.gateway import Gateway
+from tests.e2e.test_postgres_stall import URL_PASSWORD, auth_code, gateway_behind
 from tests.support.pgfault import PgBlackhole
 from tests.support.postgres import PgDatabase
 from tests.support.tmpdirs import poll
 
-URL_PASSWORD = "Db-pass-8816"  # trust authentication ignores it; it must never be printed
 OPEN_TIMEOUT = "1s"
 # start_wait longer than open_timeout: the start-up check answers "unavailable" itself.
 DATABASE = {"open_timeout": OPEN_TIMEOUT, "call_timeout": "1s", "start_wait": "10s"}
@@ -45,18 +42,7 @@ def test_a_worker_whose_open_stalls_retries_until_the_database_answers(
     pg_database.reset()
     with PgBlackhole() as path:
         path.pass_through()  # the set-up (schema, alice) goes through it
-        url = path.url(pg_database.role, pg_database.name, URL_PASSWORD)
-        gw: Gateway = gateway_factory(
-            start=False,
-            workers=1,
-            extra={"database": {"url": url} | DATABASE, "policy": POLICY, "auth": AUTH},
-        )
-        add = user_cli(
-            gw, "add", "alice", "--address", "alice@example.edu", "--password-stdin",
-            stdin=PASSWORD + "\n",
-        )  # fmt: skip
-        assert add.returncode == 0, add.stderr
-        outputs = [add.stdout, add.stderr]
+        gw, outputs = gateway_behind(path, gateway_factory, pg_database, DATABASE)
 
         path.stall(after_login=True)  # connections log in, then nothing more is answered
         gw.start()

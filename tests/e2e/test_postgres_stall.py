@@ -45,24 +45,33 @@ def auth_code(gw: Gateway) -> int:
     return code
 
 
+def gateway_behind(
+    path: PgBlackhole, gateway_factory: Any, pg_database: PgDatabase, database: dict[str, str]
+) -> tuple[Gateway, list[str]]:
+    """A one-worker gateway (not started) whose database URL (with a password) goes through
+    ``path``, and user alice added with the CLI; returns it and the CLI's output (checked
+    later for the password)."""
+    url = path.url(pg_database.role, pg_database.name, URL_PASSWORD)
+    gw: Gateway = gateway_factory(
+        start=False,
+        workers=1,
+        extra={"database": {"url": url} | database, "policy": POLICY, "auth": AUTH},
+    )
+    add = user_cli(
+        gw, "add", "alice", "--address", "alice@example.edu", "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    return gw, [add.stdout, add.stderr]
+
+
 def test_auth_answers_454_while_the_database_stalls(
     gateway_factory: Any, pg_database: PgDatabase
 ) -> None:
     pg_database.reset()
     with PgBlackhole() as path:
         path.pass_through()
-        url = path.url(pg_database.role, pg_database.name, URL_PASSWORD)
-        gw: Gateway = gateway_factory(
-            start=False,
-            workers=1,
-            extra={"database": {"url": url} | DATABASE, "policy": POLICY, "auth": AUTH},
-        )
-        add = user_cli(
-            gw, "add", "alice", "--address", "alice@example.edu", "--password-stdin",
-            stdin=PASSWORD + "\n",
-        )  # fmt: skip
-        assert add.returncode == 0, add.stderr
-        outputs = [add.stdout, add.stderr]
+        gw, outputs = gateway_behind(path, gateway_factory, pg_database, DATABASE)
         gw.start()
         assert auth_code(gw) == 235  # connected: the session is established
 
