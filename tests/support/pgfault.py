@@ -129,12 +129,7 @@ class PgBlackhole:
 
     def close(self) -> None:
         self._stop.set()
-        self._passing.set()
-        with self._lock:
-            self._after_login = False
-            self._flowing.set()
-            for path in self._paths:
-                path.set()
+        self.pass_through()  # release every held or stalled connection before closing
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
